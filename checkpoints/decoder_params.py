@@ -1,0 +1,83 @@
+"""HF-named tensors → the stacked weights of `model.llama.LlamaForCausalLM`.
+
+Every loader (safetensors, GGUF) first presents its tensors under HF
+transformers' Llama names (`model.layers.3.self_attn.q_proj.weight`, …),
+with HF's `[out, in]` matrix layout; this module checks every shape,
+transposes matrices to `[in, out]`, stacks layers and builds the module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from checkpoints.errors import CheckpointError
+from model.config import DecoderConfig
+from model.llama import LlamaForCausalLM, layer_weight_shapes
+
+# Our stacked layer weight → (HF name inside `model.layers.{i}.`, is a matrix).
+_LAYER_SOURCES = {
+    "input_norm": ("input_layernorm.weight", False),
+    "q_proj": ("self_attn.q_proj.weight", True),
+    "k_proj": ("self_attn.k_proj.weight", True),
+    "v_proj": ("self_attn.v_proj.weight", True),
+    "o_proj": ("self_attn.o_proj.weight", True),
+    "q_bias": ("self_attn.q_proj.bias", False),
+    "k_bias": ("self_attn.k_proj.bias", False),
+    "v_bias": ("self_attn.v_proj.bias", False),
+    "post_attention_norm": ("post_attention_layernorm.weight", False),
+    "gate_proj": ("mlp.gate_proj.weight", True),
+    "up_proj": ("mlp.up_proj.weight", True),
+    "down_proj": ("mlp.down_proj.weight", True),
+}
+
+# Reads one tensor by HF name, as a numpy array in HF layout.
+TensorReader = Callable[[str], np.ndarray]
+
+
+def build_decoder(cfg: DecoderConfig, names: Iterable[str], read: TensorReader, *,
+                  source: str, dtype=jnp.float32) -> LlamaForCausalLM:
+    """Build the model from HF-named tensors; `source` names the file in errors."""
+    available = set(names)
+
+    def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in available:
+            raise CheckpointError(f"{source}: missing tensor {name!r}")
+        array = read(name)
+        if tuple(array.shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected {shape}")
+        return array
+
+    weights: dict[str, jax.Array] = {}
+    for ours, stacked_shape in layer_weight_shapes(cfg).items():
+        hf_suffix, is_matrix = _LAYER_SOURCES[ours]
+        per_layer = stacked_shape[1:]
+        hf_shape = per_layer[::-1] if is_matrix else per_layer
+        layers = []
+        for i in range(cfg.num_layers):
+            array = fetch(f"model.layers.{i}.{hf_suffix}", hf_shape)
+            layers.append(array.T if is_matrix else array)
+        weights[ours] = jnp.asarray(np.stack(layers), dtype=dtype)
+
+    D, V = cfg.hidden_size, cfg.vocab_size
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    for name, value in weights.items():
+        _assign(getattr(model.layers, name), value)
+    _assign(model.embed_tokens, jnp.asarray(fetch("model.embed_tokens.weight", (V, D)), dtype))
+    _assign(model.final_norm, jnp.asarray(fetch("model.norm.weight", (D,)), dtype))
+    if not cfg.tie_word_embeddings:
+        _assign(model.lm_head, jnp.asarray(fetch("lm_head.weight", (V, D)).T, dtype))
+    return model
+
+
+def _assign(variable: nnx.Variable, value: jax.Array) -> None:
+    # flax >= 0.12 deprecates the `.value` setter in favour of `set_value`.
+    if hasattr(variable, "set_value"):
+        variable.set_value(value)
+    else:
+        variable.value = value

@@ -1,0 +1,171 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in Flax NNX.
+
+References: Touvron et al., 2023, "Llama 2"; Jiang et al., 2023, "Mistral 7B"
+(sliding-window attention); the Qwen2 technical report (QKV bias); HF
+transformers' `modeling_llama.py` is the numerical reference in tests.
+
+Layers are stored stacked (a leading `num_layers` axis on every layer
+weight) and run with one `jax.lax.scan`, so XLA compiles one layer body
+instead of `num_layers` copies. The KV cache rides in the scan carry and is
+updated with scatters, which XLA performs in place on a donated buffer.
+
+One call handles prefill chunks and decode steps alike: a batch of B
+sequences with T new tokens each (T = 1 for decode), padded where needed and
+marked by `is_valid_bt`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import numerics
+from model.config import DecoderConfig
+from model.kv_cache import KVCache, read_layer, write_layer, write_slots
+from model.rope import apply_rope, inverse_frequencies
+
+# Names of the stacked per-layer weights, in the order the scan body reads them.
+# Matrices are stored [in, out] so activations multiply on the left.
+LAYER_WEIGHTS = (
+    "input_norm",          # [L, D]
+    "q_proj",              # [L, D, N*H]
+    "k_proj",              # [L, D, K*H]
+    "v_proj",              # [L, D, K*H]
+    "o_proj",              # [L, N*H, D]
+    "post_attention_norm", # [L, D]
+    "gate_proj",           # [L, D, F]
+    "up_proj",             # [L, D, F]
+    "down_proj",           # [L, F, D]
+)
+QKV_BIASES = ("q_bias", "k_bias", "v_bias")  # [L, N*H], [L, K*H], [L, K*H]
+
+
+def layer_weight_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every stacked layer weight this config needs."""
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {
+        "input_norm": (L, D), "q_proj": (L, D, q_dim), "k_proj": (L, D, kv_dim),
+        "v_proj": (L, D, kv_dim), "o_proj": (L, q_dim, D), "post_attention_norm": (L, D),
+        "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D),
+    }
+    if cfg.has_qkv_bias:
+        shapes.update(q_bias=(L, q_dim), k_bias=(L, kv_dim), v_bias=(L, kv_dim))
+    return shapes
+
+
+def rms_norm(x_btd: jax.Array, weight_d: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm (Zhang & Sennrich, 2019) in float32, cast back to the input dtype
+    before the weight multiplies, as HF Llama does."""
+    x = x_btd.astype(jnp.float32)
+    normed = x * jax.lax.rsqrt(numerics.mean_square(x, axis=-1) + eps)
+    return weight_d * normed.astype(x_btd.dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading layer axis."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+        for name, shape in layer_weight_shapes(cfg).items():
+            if name.endswith("norm"):
+                value = jnp.ones(shape, dtype)
+            elif name.endswith("bias"):
+                value = jnp.zeros(shape, dtype)
+            else:
+                value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+            setattr(self, name, nnx.Param(value))
+
+    def weights(self) -> dict[str, jax.Array]:
+        names = [n for n in LAYER_WEIGHTS + QKV_BIASES if hasattr(self, n)]
+        return {n: getattr(self, n)[...] for n in names}
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Token ids in, final-normed hidden states out; `logits` applies the LM head."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = nnx.Param(  # [V, D]
+            0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.layers = DecoderLayers(cfg, dtype=dtype, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))  # [D]
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(  # [D, V]
+                0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype))
+
+    def __call__(self, token_ids_bt: jax.Array, positions_bt: jax.Array, kv: KVCache,
+                 block_tables_bp: jax.Array, is_valid_bt: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens of B sequences through every layer.
+
+        token_ids_bt, positions_bt: [B, T] int32; positions are absolute.
+        block_tables_bp: [B, P] int32 page ids; logical page j of sequence b
+            is page block_tables_bp[b, j]. P must cover every valid position.
+        is_valid_bt: [B, T] bool; False marks padding, whose K/V is not written
+            and whose outputs are meaningless.
+        Returns the final-normed hidden states [B, T, D] and the updated cache.
+        All earlier positions of each sequence must already be in the cache.
+        """
+        cfg = self.config
+        x_btd = self.embed_tokens[...][token_ids_bt]
+        page_bt, slot_bt = write_slots(positions_bt, block_tables_bp, is_valid_bt,
+                                       num_pages=kv.num_pages, page_size=kv.page_size)
+        inv_freq_h = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        key_positions_s = jnp.arange(block_tables_bp.shape[1] * kv.page_size)
+        # [B, T, S]: causal, and within the sliding window when there is one.
+        is_visible_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
+        if cfg.sliding_window is not None:
+            is_visible_bts &= key_positions_s[None, None, :] > positions_bt[:, :, None] - cfg.sliding_window
+
+        def layer_step(carry, layer_in):
+            x_btd, k_cache, v_cache = carry
+            w, layer = layer_in
+            h_btd = rms_norm(x_btd, w["input_norm"], cfg.rms_norm_eps)
+            attn_btd, k_cache, v_cache = self._attention(
+                h_btd, w, layer, k_cache, v_cache, positions_bt, inv_freq_h,
+                page_bt, slot_bt, block_tables_bp, is_visible_bts)
+            x_btd = x_btd + attn_btd
+            h_btd = rms_norm(x_btd, w["post_attention_norm"], cfg.rms_norm_eps)
+            gate_btf = h_btd @ w["gate_proj"]
+            x_btd = x_btd + (jax.nn.silu(gate_btf) * (h_btd @ w["up_proj"])) @ w["down_proj"]
+            return (x_btd, k_cache, v_cache), None
+
+        layer_ids = jnp.arange(cfg.num_layers)
+        (x_btd, k_cache, v_cache), _ = jax.lax.scan(
+            layer_step, (x_btd, kv.k, kv.v), (self.layers.weights(), layer_ids))
+        return rms_norm(x_btd, self.final_norm[...], cfg.rms_norm_eps), KVCache(k_cache, v_cache)
+
+    def _attention(self, h_btd, w, layer, k_cache, v_cache, positions_bt, inv_freq_h,
+                   page_bt, slot_bt, block_tables_bp, is_visible_bts):
+        cfg = self.config
+        b, t, _ = h_btd.shape
+        q, k, v = h_btd @ w["q_proj"], h_btd @ w["k_proj"], h_btd @ w["v_proj"]
+        if cfg.has_qkv_bias:
+            q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+        q_btnh = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions_bt, inv_freq_h)
+        k_btkh = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions_bt, inv_freq_h)
+        v_btkh = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+
+        # Write first, then read: this step's tokens attend to each other
+        # through the cache, exactly as later steps will see them.
+        k_cache = write_layer(k_cache, layer, k_btkh, page_bt, slot_bt)
+        v_cache = write_layer(v_cache, layer, v_btkh, page_bt, slot_bt)
+        keys_bskh = read_layer(k_cache, layer, block_tables_bp)
+        values_bskh = read_layer(v_cache, layer, block_tables_bp)
+
+        # Grouped-query attention: G query heads share each KV head.
+        q_btkgh = q_btnh.reshape(b, t, cfg.num_kv_heads, cfg.num_queries_per_kv, cfg.head_dim)
+        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh.astype(jnp.float32),
+                                  keys_bskh.astype(jnp.float32)) * cfg.head_dim ** -0.5
+        probs_bkgts = numerics.softmax(scores_bkgts, axis=-1, where=is_visible_bts[:, None, None])
+        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, values_bskh.astype(jnp.float32))
+        out_btd = out_btkgh.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(h_btd.dtype)
+        return out_btd @ w["o_proj"], k_cache, v_cache
+
+    def logits(self, hidden_xd: jax.Array) -> jax.Array:
+        """LM head over final-normed hidden states `[..., D]` → float32 logits `[..., V]`."""
+        if self.config.tie_word_embeddings:
+            head_dv = self.embed_tokens[...].T
+        else:
+            head_dv = self.lm_head[...]
+        return (hidden_xd @ head_dv).astype(jnp.float32)
