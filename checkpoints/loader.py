@@ -1,0 +1,48 @@
+"""One entry point for every supported checkpoint: `load_model(path)`.
+
+The format is read from the content — a folder with `config.json` is an HF
+safetensors checkpoint, a file starting with the GGUF magic is GGUF — never
+guessed from a file name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from checkpoints import gguf_file, safetensors_dir
+from checkpoints.default_model import default_model_path
+from checkpoints.errors import CheckpointError
+from checkpoints.tokenizer import Tokenizer
+from model.config import DecoderConfig
+from model.llama import LlamaForCausalLM
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadedModel:
+    path: Path
+    config: DecoderConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+
+
+def load_model(path: str | Path | None = None, *, dtype=jnp.float32) -> LoadedModel:
+    """Load weights and tokenizer from `path` (the default model when None).
+
+    Raises CheckpointError, with a one-line message, for anything unusable.
+    """
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        config, model = safetensors_dir.load_decoder(path, dtype=dtype)
+        tokenizer = Tokenizer.from_folder(path)
+    elif gguf_file.is_gguf_file(path):
+        config, model = gguf_file.load_decoder(path, dtype=dtype)
+        tokenizer = Tokenizer.from_gguf(path)
+    else:
+        raise CheckpointError(
+            f"{path}: not a model: expected a GGUF file or a folder with config.json and safetensors")
+    return LoadedModel(path=path, config=config, model=model, tokenizer=tokenizer)

@@ -1,0 +1,90 @@
+"""The `balansis` command line.
+
+Subcommands: `generate` (this release); `serve`, `run-batch`, `convert`,
+`inspect` and `bench` come with later work. Each subcommand's flags map one
+to one onto the parameters of the code it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from checkpoints.loader import load_model
+    from engine.detokenizer import IncrementalDetokenizer
+    from engine.generate import Generator
+    from engine.model_runner import ModelRunner
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    started = time.perf_counter()
+    loaded = load_model(args.model)
+    tokenizer = loaded.tokenizer
+    if args.chat is not None:
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.chat}])
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    generator = Generator(ModelRunner(loaded.model), eos_token_id=tokenizer.eos_token_id,
+                          max_model_len=args.max_model_len)
+    loaded_at = time.perf_counter()
+
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+    num_tokens = 0
+    first_token_at = None
+    for token in generator.stream(prompt_ids, params):
+        num_tokens += 1
+        first_token_at = first_token_at or time.perf_counter()
+        sys.stdout.write(detokenizer.push(token))
+        sys.stdout.flush()
+    finished = time.perf_counter()
+    sys.stdout.write("\n")
+    decode_seconds = finished - (first_token_at or finished)
+    print(f"{num_tokens} tokens in {finished - loaded_at:.2f} s "
+          f"(prompt {len(prompt_ids)} tokens, first token {(first_token_at or finished) - loaded_at:.2f} s, "
+          f"{max(num_tokens - 1, 0) / decode_seconds if decode_seconds > 0 else 0.0:.1f} tok/s after it; "
+          f"load {loaded_at - started:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="balansis", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text from a prompt or a chat message")
+    gen.add_argument("--model", default=None,
+                     help="GGUF file or HF safetensors folder (default: SmolLM2-135M-Instruct Q4_1)")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="raw text to continue")
+    prompt.add_argument("--chat", help="a user message, formatted with the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-model-len", type=int, default=None,
+                     help="KV cache length in tokens (default: the model's, at most 8192)")
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Never contact a model hub: every file is local.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from checkpoints.errors import CheckpointError
+
+    try:
+        return args.handler(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"balansis: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
