@@ -17,6 +17,9 @@ from model.llama import LlamaForCausalLM
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# safetensors' numpy reader cannot represent bfloat16; its flax reader can
+# (via ml_dtypes), and np.asarray of a CPU jax array is a cheap host copy.
+_FRAMEWORK = "flax"
 
 
 def read_config(folder: Path) -> dict:
@@ -50,7 +53,7 @@ def tensor_files(folder: Path) -> dict[str, Path]:
 
 def _names_in(path: Path) -> list[str]:
     try:
-        with safe_open(path, framework="numpy") as f:
+        with safe_open(path, framework=_FRAMEWORK) as f:
             return list(f.keys())
     except Exception as e:  # safetensors raises its own error types; name the file
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
@@ -67,13 +70,13 @@ def load_decoder(folder: Path, *, dtype=jnp.float32) -> tuple[DecoderConfig, Lla
     try:
         for path in sorted(set(files.values())):
             try:
-                handles[path] = safe_open(path, framework="numpy")
+                handles[path] = safe_open(path, framework=_FRAMEWORK)
             except Exception as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
         def read(name: str) -> np.ndarray:
             try:
-                return handles[files[name]].get_tensor(name)
+                return np.asarray(handles[files[name]].get_tensor(name))
             except Exception as e:
                 raise CheckpointError(f"{files[name]}: cannot read tensor {name!r} ({e})") from None
 
