@@ -1,0 +1,1 @@
+"""Files → weights, tokenizers and chat templates (HF safetensors, GGUF)."""

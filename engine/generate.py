@@ -23,6 +23,9 @@ PAGE_SIZE = 16
 # Prefill lengths are padded to a power of two of at least this many tokens,
 # so short prompts share one compiled program.
 MIN_PREFILL_BUCKET = 16
+# Block tables hold at least this many pages (128 positions), so a short
+# chat does not pay a recompile each time its context doubles.
+MIN_PAGES_BUCKET = 8
 
 
 class Generator:
@@ -72,5 +75,6 @@ class Generator:
     def _block_table(self, num_positions: int) -> jnp.ndarray:
         # Pages are handed out in order; the table is padded to a power of
         # two so attention reads about as many pages as the context fills.
-        num_pages = min(bucket(-(-num_positions // PAGE_SIZE)), self._num_pages)
+        num_pages = min(bucket(-(-num_positions // PAGE_SIZE), minimum=MIN_PAGES_BUCKET),
+                        self._num_pages)
         return jnp.arange(num_pages, dtype=jnp.int32)[None]

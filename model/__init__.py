@@ -1,0 +1,1 @@
+"""Model math: configs, layers, families and numerics — pure functions of (weights, arrays)."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (Litestar + msgspec); built by the serving issue."""

@@ -104,14 +104,16 @@ def encode_matrix(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarr
 
 def write_gguf(path: Path, state_dict: Mapping[str, np.ndarray], config: transformers.PretrainedConfig,
                *, tensor_type: Q = Q.F32, architecture: str = "llama", name: str = "tiny-llama",
-               type_overrides: Mapping[str, Q] | None = None, seed: int = 0,
+               type_overrides: Mapping[str, Q] | None = None,
+               metadata_overrides: Mapping[str, object] | None = None, seed: int = 0,
                check_finite: bool = True) -> Path:
     """Write an HF Llama `state_dict` (name → `[out, in]` float array) as a GGUF file.
 
     Norms (1-D) are always F32; matrices use `tensor_type`, or the type that
     `type_overrides` gives for their GGUF name. `lm_head.weight` is omitted when
     the config ties embeddings. `architecture` names the metadata prefix too,
-    as llama.cpp does (`{architecture}.block_count`, …).
+    as llama.cpp does (`{architecture}.block_count`, …). `metadata_overrides`
+    replaces (or, with None, drops) keys under that prefix: `{"attention.head_count": 3}`.
     """
     path = Path(path)
     rng = np.random.default_rng(seed)
@@ -119,19 +121,32 @@ def write_gguf(path: Path, state_dict: Mapping[str, np.ndarray], config: transfo
     n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
 
+    rope = getattr(config, "rope_parameters", None) or {}  # transformers 5; 4.x: config.rope_theta
+    keys: dict[str, object] = {
+        "block_count": config.num_hidden_layers,
+        "context_length": config.max_position_embeddings,
+        "embedding_length": config.hidden_size,
+        "feed_forward_length": config.intermediate_size,
+        "attention.head_count": n_head,
+        "attention.head_count_kv": n_kv_head,
+        "rope.freq_base": float(rope.get("rope_theta") or config.rope_theta),
+        "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        "vocab_size": config.vocab_size,
+        "rope.dimension_count": head_dim,
+    }
+    keys.update(metadata_overrides or {})
+
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_name(name)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv_head)
-    rope = getattr(config, "rope_parameters", None) or {}  # transformers 5; 4.x: config.rope_theta
-    writer.add_rope_freq_base(float(rope.get("rope_theta") or config.rope_theta))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    for key, value in keys.items():
+        if value is None:  # an override of None leaves the key out
+            continue
+        if isinstance(value, str):
+            writer.add_string(f"{architecture}.{key}", value)
+        elif isinstance(value, float):
+            writer.add_float32(f"{architecture}.{key}", value)
+        else:
+            writer.add_uint32(f"{architecture}.{key}", int(value))
     writer.add_file_type(_FILE_TYPES.get(tensor_type, gguf.LlamaFileType.GUESSED))
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -176,12 +191,13 @@ def tiny_llama(*, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def write_tiny_llama_gguf(path: Path, *, tensor_type: Q = Q.F32, seed: int = 0,
                           architecture: str = "llama", type_overrides: Mapping[str, Q] | None = None,
+                          metadata_overrides: Mapping[str, object] | None = None,
                           **overrides) -> Path:
     """A tiny random Llama written straight to a GGUF file at `path`."""
     model = tiny_llama(seed=seed, **overrides)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return write_gguf(path, state, model.config, tensor_type=tensor_type, architecture=architecture,
-                      type_overrides=type_overrides, seed=seed)
+                      type_overrides=type_overrides, metadata_overrides=metadata_overrides, seed=seed)
 
 
 def load_hf_from_gguf(path: Path) -> torch.nn.Module:
