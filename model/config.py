@@ -95,6 +95,10 @@ class DecoderConfig:
             raise ConfigError(
                 f"unknown architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if hf.get("mlp_bias", False):
+            raise ConfigError("mlp_bias=true is not supported")
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported; the MLP is SwiGLU (silu)")
         try:
             num_heads = int(hf["num_attention_heads"])
             hidden_size = int(hf["hidden_size"])
