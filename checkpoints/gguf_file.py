@@ -92,20 +92,28 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Path) -> DecoderConfig:
     def key(name, default=None):
         return metadata(reader, f"{arch}.{name}", default)
 
+    def first_present(*names):
+        # An explicit 0 is kept (and rejected by DecoderConfig), not skipped.
+        return next((key(n) for n in names if key(n) is not None), None)
+
     try:
         num_heads = int(key("attention.head_count"))
         hidden_size = int(key("embedding_length"))
+        if num_heads <= 0:
+            raise ConfigError(f"attention.head_count must be positive, got {num_heads}")
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-        vocab_size = key("vocab_size") or (len(tokens.data) if tokens else None) or (
-            int(embed.shape[1]) if embed is not None else None)
+        vocab_size = key("vocab_size")
+        if vocab_size is None:
+            vocab_size = len(tokens.data) if tokens else int(embed.shape[1]) if embed is not None else None
         scaling_type = key("rope.scaling.type", "none")
         if scaling_type in ("none", None):
             rope_scaling = RopeScaling()
         elif scaling_type == "linear":
             rope_scaling = RopeScaling(RopeType.LINEAR, factor=float(key("rope.scaling.factor")))
         else:
-            raise CheckpointError(f"{path}: unsupported rope scaling type {scaling_type!r}")
+            raise ConfigError(f"unsupported rope scaling type {scaling_type!r}")
+        head_dim = first_present("attention.key_length", "rope.dimension_count")
         return DecoderConfig(
             model_type=_ARCHITECTURES[arch],
             vocab_size=int(vocab_size),
@@ -114,8 +122,7 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Path) -> DecoderConfig:
             num_layers=int(key("block_count")),
             num_heads=num_heads,
             num_kv_heads=int(key("attention.head_count_kv", num_heads)),
-            head_dim=int(key("attention.key_length") or key("rope.dimension_count")
-                         or hidden_size // num_heads),
+            head_dim=int(head_dim if head_dim is not None else hidden_size // num_heads),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(key("rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
@@ -124,10 +131,10 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Path) -> DecoderConfig:
             has_qkv_bias=any(t.name.endswith("attn_q.bias") for t in reader.tensors),
             sliding_window=key("attention.sliding_window"),
         )
+    except ConfigError as e:  # before ValueError: ConfigError is one
+        raise CheckpointError(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: incomplete {arch} metadata ({e})") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _unpermute(w_oi: np.ndarray, num_heads: int) -> np.ndarray:
@@ -159,10 +166,12 @@ def load_decoder(path: Path, *, dtype=jnp.float32) -> tuple[DecoderConfig, Llama
         except Exception as e:
             raise CheckpointError(f"{path}: cannot dequantise tensor {tensor.name!r} ({e})") from None
         w = np.asarray(w, dtype=np.float32)
-        if arch in _PERMUTED_QK and name.endswith("q_proj.weight"):
-            w = _unpermute(w, cfg.num_heads)
-        elif arch in _PERMUTED_QK and name.endswith("k_proj.weight"):
-            w = _unpermute(w, cfg.num_kv_heads)
+        if arch in _PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
+            num_heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+            # A tensor of the wrong shape is left as it is for build_decoder's
+            # shape check, which names it.
+            if w.shape == (num_heads * cfg.head_dim, cfg.hidden_size):
+                w = _unpermute(w, num_heads)
         return w
 
     return cfg, build_decoder(cfg, tensors.keys(), read, source=str(path), dtype=dtype)
