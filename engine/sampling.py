@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from model import numerics
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -47,7 +49,7 @@ def sample(logits_bv: jax.Array, temperature_b: jax.Array, top_p_b: jax.Array,
     # Nucleus: keep a token when the probability mass of strictly more likely
     # tokens is below top_p (so the most likely token is always kept).
     sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
-    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    probs_bv = numerics.softmax(sorted_bv, axis=-1)
     mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
     num_kept_b = jnp.sum(mass_before_bv < top_p_b[:, None], axis=-1)
     threshold_b = jnp.take_along_axis(sorted_bv, (num_kept_b - 1)[:, None], axis=-1)
