@@ -14,8 +14,10 @@ _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, *,
+                 skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         # Start the window inside the prompt so tokenisers that drop a
         # leading space at the start of text decode the first token right.
         self._ids = list(prompt_ids[-4:]) if prompt_ids else []
@@ -25,7 +27,9 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text it completes (maybe '')."""
         self._ids.append(token_id)
-        decode = self._tokenizer.decode
+        def decode(ids):
+            return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
         prefix_text = decode(self._ids[self._prefix_offset:self._read_offset])
         full_text = decode(self._ids[self._prefix_offset:])
         if full_text.endswith(_REPLACEMENT) or len(full_text) <= len(prefix_text):

@@ -23,3 +23,18 @@ def smollm2(smollm2_path):
     from checkpoints.loader import load_model
 
     return load_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tmp_path_factory, smollm2):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer: real text
+    in and out, but fast. Random weights make every token a fresh decision."""
+    from checkpoints.loader import LoadedModel
+    from checkpoints.safetensors_dir import load_decoder
+    from tests.hf_reference import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-smol-vocab")
+    save_tiny_model("llama", folder, vocab_size=smollm2.config.vocab_size, num_hidden_layers=2,
+                    max_position_embeddings=1024)
+    config, model = load_decoder(folder)
+    return LoadedModel(path=folder, config=config, model=model, tokenizer=smollm2.tokenizer)

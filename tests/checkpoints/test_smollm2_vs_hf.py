@@ -69,7 +69,7 @@ def test_greedy_64_tokens_identical_to_hf(which, smollm2, runner, hf_model):
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     reference = out[0, len(ids):].tolist()
     generator = Generator(runner, eos_token_id=tokenizer.eos_token_id, max_model_len=512)
-    ours = list(generator.stream(ids, SamplingParams(max_tokens=NUM_NEW_TOKENS)))
+    ours = list(generator.stream(ids, SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0)))
     assert ours == reference[: len(ours)] and len(ours) == len(reference), (
         tokenizer.decode(ours), tokenizer.decode(reference))
     assert len(ours) >= 8  # a real answer, not an immediate EOS

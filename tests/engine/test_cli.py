@@ -29,7 +29,7 @@ def test_generate_chat_prints_the_greedy_completion(smollm2):
     prompt_ids = tokenizer.encode_chat([{"role": "user", "content": MESSAGE}])
     generator = Generator(ModelRunner(smollm2.model), eos_token_id=tokenizer.eos_token_id,
                           max_model_len=256)
-    tokens = list(generator.stream(prompt_ids, SamplingParams(max_tokens=16)))
+    tokens = list(generator.stream(prompt_ids, SamplingParams(max_tokens=16, temperature=0.0)))
     assert result.stdout == tokenizer.decode(tokens) + "\n"
     summary = result.stderr.strip().splitlines()[-1]
     assert summary.startswith(f"{len(tokens)} tokens in "), summary

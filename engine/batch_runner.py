@@ -1,0 +1,198 @@
+"""Runs one scheduled step on the device: packs it into padded arrays, calls
+the compiled step (forward + sampling), returns what each sequence got.
+
+Where host and device meet (STYLE.md habit 2). Decodes and prompt chunks
+run as two compiled calls per step, each padded to bucketed shapes:
+
+- decode:  [B, 1] tokens, B a power of two ≤ max_num_seqs;
+- prefill: [B, T] tokens, B and T powers of two, B·T ≤ the token budget
+  rounded up, T ≥ MIN_PREFILL_TOKENS;
+- both:    block tables of P pages, P a power of two ≥ MIN_PAGES, so
+  attention reads about as many pages as the longest context in the batch.
+
+So the set of programs is bounded and `warmup` can compile all of them.
+The KV cache lives here and is donated to every call, so XLA updates it in
+place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engine.model_runner import bucket
+from engine.sampling import (SampleResult, SamplingArrays, SamplingParams, SamplingRow, pack_sampling,
+                             sample_tokens)
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.sequence import TokenLogprobs
+from model import numerics
+from model.kv_cache import KVCache
+from model.llama import LlamaForCausalLM
+
+MIN_PREFILL_TOKENS = 16  # short prompts share one program
+MIN_PAGES = 8  # block tables shorter than this are padded up to it
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+_WARMUP_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepOutput:
+    """What one sequence got from a step (only chunks that sample, plus prompt logprobs)."""
+
+    token_id: int | None
+    logprobs: TokenLogprobs | None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs] | None  # for this chunk's positions, when asked
+
+
+class BatchRunner:
+    def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 eos_token_id: int | None, kv_dtype=jnp.float32):
+        self.config = model.config
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_pages = -(-max_model_len // block_size)
+        self.eos_token_id = eos_token_id
+        self.graphdef, self.state = nnx.split(model)
+        self.kv = KVCache.zeros(self.config, num_pages=num_blocks, page_size=block_size, dtype=kv_dtype)
+        self._step = functools.partial(_compiled_step, self.graphdef)
+
+    # -- shapes ------------------------------------------------------------------
+    def _pages_bucket(self, num_pages: int) -> int:
+        return min(bucket(num_pages, minimum=MIN_PAGES), bucket(self.max_pages))
+
+    def bucket_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (B, T, P) a step can be padded to; decode is T = 1."""
+        pages = sorted({self._pages_bucket(p) for p in range(1, self.max_pages + 1)})
+        rows = [2 ** i for i in range(bucket(self.max_num_seqs).bit_length())]
+        decode = [(b, 1, p) for b in rows for p in pages]
+        budget = bucket(self.max_num_batched_tokens)
+        lengths = [t for t in (2 ** i for i in range(budget.bit_length())) if t >= MIN_PREFILL_TOKENS]
+        prefill = [(b, t, p) for b in rows for t in lengths for p in pages
+                   if b * t <= max(budget, MIN_PREFILL_TOKENS) and p * self.block_size >= t]
+        return decode + prefill
+
+    # -- one step ----------------------------------------------------------------
+    def execute(self, scheduled: SchedulerOutput, block_tables: dict[int, list[int]]) -> dict[int, StepOutput]:
+        """Run the step; keys are seq_ids of the chunks that sampled or asked for prompt logprobs."""
+        results: dict[int, StepOutput] = {}
+        for chunks, is_decode in ((scheduled.decodes, True), (scheduled.prefills, False)):
+            if chunks:
+                results.update(self._run(chunks, block_tables, is_decode=is_decode))
+        return results
+
+    def _run(self, chunks: Seq[ScheduledChunk], block_tables, *, is_decode: bool) -> dict[int, StepOutput]:
+        b = bucket(len(chunks))
+        t = 1 if is_decode else bucket(max(c.num_tokens for c in chunks), minimum=MIN_PREFILL_TOKENS)
+        max_pages = max(-(-(c.start + c.num_tokens) // self.block_size) for c in chunks)
+        p = max(self._pages_bucket(max_pages), -(-t // self.block_size))
+        token_ids = np.zeros((b, t), np.int32)
+        next_ids = np.zeros((b, t), np.int32)
+        positions = np.zeros((b, t), np.int32)
+        is_valid = np.zeros((b, t), bool)
+        # Padding entries of a block table point at page 0: they are read
+        # only for key positions the causal mask hides.
+        tables = np.zeros((b, p), np.int32)
+        for row, chunk in enumerate(chunks):
+            seq_ids = chunk.seq.token_ids
+            n = chunk.num_tokens
+            token_ids[row, :n] = seq_ids[chunk.start:chunk.start + n]
+            following = seq_ids[chunk.start + 1:chunk.start + n + 1]
+            next_ids[row, :len(following)] = following
+            positions[row, :n] = np.arange(chunk.start, chunk.start + n)
+            positions[row, n:] = chunk.start + n - 1  # padding stays inside the row's context
+            is_valid[row, :n] = True
+            table = block_tables[chunk.seq.seq_id]
+            tables[row, :len(table)] = table
+
+        arrays = pack_sampling([self._sampling_row(c) for c in chunks],
+                               vocab_size=self.config.vocab_size, batch_size=b)
+        wants_logprobs = any(c.seq.params.logprobs is not None for c in chunks)
+        wants_prompt_logprobs = not is_decode and any(
+            c.seq.params.prompt_logprobs is not None for c in chunks)
+        sample, prompt, self.kv = self._step(
+            self.state, self.kv, token_ids, positions, tables, is_valid, arrays, next_ids,
+            num_top_logprobs=MAX_LOGPROBS if wants_logprobs else 0,
+            with_prompt_logprobs=wants_prompt_logprobs)
+        return self._unpack(chunks, sample, prompt)
+
+    def _sampling_row(self, chunk: ScheduledChunk) -> SamplingRow:
+        seq = chunk.seq
+        # EOS and stop token ids are banned until min_tokens are out.
+        banned = seq.params.banned_token_ids(
+            num_output_tokens=len(seq.output_ids),
+            eos_token_ids=() if self.eos_token_id is None else (self.eos_token_id,))
+        return SamplingRow(params=seq.params, seed=seq.seed, choice=seq.choice, position=seq.num_tokens,
+                           prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, banned_ids=banned)
+
+    def _unpack(self, chunks, sample: SampleResult, prompt) -> dict[int, StepOutput]:
+        sample = jax.device_get(sample)
+        prompt = jax.device_get(prompt) if prompt is not None else None
+        results = {}
+        for row, chunk in enumerate(chunks):
+            params = chunk.seq.params
+            token = logprobs = prompt_logprobs = None
+            if chunk.samples:
+                token = int(sample.token_ids_b[row])
+                if params.logprobs is not None:
+                    k = params.logprobs
+                    logprobs = TokenLogprobs(token, float(sample.logprob_b[row]), tuple(
+                        (int(i), float(lp)) for i, lp in
+                        zip(sample.top_ids_bk[row, :k], sample.top_logprobs_bk[row, :k])))
+            if prompt is not None and params.prompt_logprobs is not None:
+                next_lp, top_ids, top_lps = prompt
+                k = params.prompt_logprobs
+                # Position i predicts token i + 1; the chunk's last position
+                # predicts a prompt token only when the prompt goes on.
+                num_predicted = min(chunk.num_tokens, len(chunk.seq.prompt_ids) - 1 - chunk.start)
+                prompt_logprobs = [
+                    TokenLogprobs(chunk.seq.prompt_ids[chunk.start + i + 1], float(next_lp[row, i]),
+                                  tuple((int(j), float(lp)) for j, lp in zip(top_ids[row, i, :k], top_lps[row, i, :k])))
+                    for i in range(max(num_predicted, 0))]
+            if chunk.samples or prompt_logprobs is not None:
+                results[chunk.seq.seq_id] = StepOutput(token, logprobs, prompt_logprobs)
+        return results
+
+    # -- compile ahead -----------------------------------------------------------
+    def warmup(self) -> int:
+        """Compile every bucketed program (greedy, no logprobs); returns how many."""
+        shapes = self.bucket_shapes()
+        for b, t, p in shapes:
+            arrays = pack_sampling([SamplingRow(params=_WARMUP_PARAMS, seed=0, position=0)],
+                                   vocab_size=self.config.vocab_size, batch_size=b)
+            zeros = np.zeros((b, t), np.int32)
+            _, _, self.kv = self._step(self.state, self.kv, zeros, zeros, np.zeros((b, p), np.int32),
+                                       np.zeros((b, t), bool), arrays, zeros,
+                                       num_top_logprobs=0, with_prompt_logprobs=False)
+        jax.block_until_ready(self.kv)
+        return len(shapes)
+
+
+def _step(graphdef, state, kv, token_ids_bt, positions_bt, block_tables_bp, is_valid_bt,
+          sampling: SamplingArrays, next_ids_bt, *, num_top_logprobs: int, with_prompt_logprobs: bool):
+    """Forward over the paged cache, then sample at each row's last valid token."""
+    model = nnx.merge(graphdef, state)
+    hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt)
+    last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)
+    hidden_bd = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0]
+    sample = sample_tokens(model.logits(hidden_bd), sampling, num_top_logprobs=num_top_logprobs)
+    prompt = None
+    if with_prompt_logprobs:
+        logprobs_btv = numerics.log_softmax(model.logits(hidden_btd))
+        next_logprob_bt = jnp.take_along_axis(logprobs_btv, next_ids_bt[..., None], axis=-1)[..., 0]
+        top_logprobs_btk, top_ids_btk = jax.lax.top_k(logprobs_btv, MAX_LOGPROBS)
+        prompt = (next_logprob_bt, top_ids_btk, top_logprobs_btk)
+    return sample, prompt, kv
+
+
+# The graph definition is static (hashable), so every runner of the same
+# architecture shares compiled programs; weights stay arguments.
+_compiled_step = jax.jit(_step, static_argnums=(0,), donate_argnums=(2,),
+                         static_argnames=("num_top_logprobs", "with_prompt_logprobs"))

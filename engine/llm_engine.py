@@ -1,0 +1,259 @@
+"""The engine core: requests in, a step at a time, outputs out.
+
+`LLMEngine.step()` asks the scheduler for a batch, has the batch runner
+compute it, then does the host-side bookkeeping: appends sampled tokens,
+detokenises, checks stop conditions, frees finished sequences. Synchronous
+and single-threaded; `LLM` (scripts) and `AsyncEngine` (the server) drive it.
+
+A request with n > 1 choices starts as one sequence; its siblings join once
+the prompt is computed, and find the prompt's full blocks in the prefix
+cache instead of computing them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+
+from checkpoints.loader import LoadedModel
+from engine.batch_runner import BatchRunner
+from engine.block_manager import BlockManager
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import FinishReason, Sequence, TokenLogprobs
+from engine.text_output import TextOutput
+
+_CPU_DEFAULT_KV_BYTES = 2 * 2**30  # CPUs report no memory limit to size a fraction of
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine limits; CLI flags map onto these one to one."""
+
+    max_model_len: int | None = None  # default: the model's, at most 8192
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # token budget of one step
+    block_size: int = 16
+    # KV cache size: bytes (int), a fraction of free device memory (float
+    # in (0, 1]), or None for 0.9 of free memory (2 GiB on CPU).
+    kv_cache_memory: int | float | None = None
+    enable_prefix_caching: bool = True
+    warmup: bool = False  # compile every bucketed program at start
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if isinstance(self.kv_cache_memory, float) and not 0 < self.kv_cache_memory <= 1:
+            raise ValueError(f"a kv_cache_memory fraction must be in (0, 1], got {self.kv_cache_memory}")
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
+
+
+@dataclasses.dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None  # "stop", "length", "abort"; None while running
+    stop_reason: str | int | None
+
+
+@dataclasses.dataclass(slots=True)
+class RequestOutput:
+    """A request's state after a step: cumulative text and tokens of each choice."""
+
+    request_id: str
+    prompt_ids: list[int]
+    prompt_logprobs: list[TokenLogprobs] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    arrival_time: float
+    first_token_time: float | None
+    num_cached_tokens: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seqs: list[Sequence]
+    pending: list[Sequence]  # siblings waiting for the prompt to be computed
+    texts: dict[int, TextOutput]
+    num_cached_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        cfg = loaded.config
+        self.config = config
+        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        dtype_size = jnp.dtype(jnp.float32).itemsize
+        bytes_per_block = 2 * cfg.num_layers * cfg.num_kv_heads * config.block_size * cfg.head_dim * dtype_size
+        self.num_blocks = max(1, _kv_budget(config.kv_cache_memory) // bytes_per_block)
+        # No more than every running sequence at full length needs.
+        self.num_blocks = min(self.num_blocks,
+                              config.max_num_seqs * -(-self.max_model_len // config.block_size))
+        self.block_manager = BlockManager(num_blocks=self.num_blocks, block_size=config.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+                                   self.block_manager)
+        self.runner = BatchRunner(loaded.model, num_blocks=self.num_blocks, block_size=config.block_size,
+                                  max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len, eos_token_id=self.eos_token_id)
+        self._requests: dict[str, _Request] = {}
+        self.num_prompt_tokens = 0  # computed, over the engine's life
+        self.num_generation_tokens = 0
+        if config.warmup:
+            self.runner.warmup()
+
+    # -- requests --------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. Raises ValueError for a prompt the engine cannot serve."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.loaded.config.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.loaded.config.vocab_size})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more")
+        if -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size) > self.num_blocks:
+            raise ValueError(f"the request needs more KV cache than the whole pool "
+                             f"({self.num_blocks * self.config.block_size} tokens)")
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        seqs = [Sequence(request_id=request_id, choice=i, prompt_ids=list(prompt_ids), params=params,
+                         seed=seed, arrival_time=arrival_time,
+                         prompt_logprobs=[] if params.prompt_logprobs is not None and i == 0 else None)
+                for i in range(params.n)]
+        texts = {s.seq_id: TextOutput(self.tokenizer, s.prompt_ids, params) for s in seqs}
+        self._requests[request_id] = _Request(request_id, list(prompt_ids), params, arrival_time,
+                                              seqs, seqs[1:], texts)
+        self.scheduler.add(seqs[0])
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its KV blocks are freed at once."""
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.abort(s for s in request.seqs if s not in request.pending)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- one step ------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the requests it advanced (finished ones for the last time)."""
+        scheduled = self.scheduler.schedule()
+        for seq in scheduled.preempted:
+            if seq.prompt_logprobs is not None:
+                seq.prompt_logprobs.clear()  # recomputed with the prompt
+        if scheduled.is_empty:
+            return []
+        chunks = scheduled.decodes + scheduled.prefills
+        tables = {c.seq.seq_id: self.block_manager.block_table(c.seq.seq_id) for c in chunks}
+        results = self.runner.execute(scheduled, tables)
+        now = time.time()
+        touched: dict[str, _Request] = {}
+        for chunk in chunks:
+            seq = chunk.seq
+            request = self._requests.get(seq.request_id)
+            self.scheduler.commit(chunk)
+            if request is None:
+                continue
+            touched[request.request_id] = request
+            self.num_prompt_tokens += max(0, min(chunk.start + chunk.num_tokens, len(seq.prompt_ids))
+                                          - chunk.start)
+            result = results.get(seq.seq_id)
+            if result is not None and result.prompt_logprobs is not None and seq.prompt_logprobs is not None:
+                seq.prompt_logprobs.extend(result.prompt_logprobs)
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+                if seq.choice == 0:
+                    request.num_cached_tokens = chunk.start  # prompt tokens found in the prefix cache
+            if not chunk.samples:
+                continue
+            if seq.choice == 0 and request.pending:
+                for sibling in request.pending:
+                    self.scheduler.add(sibling)
+                request.pending = []
+            self._append_token(request, seq, result, now)
+        outputs = [self._output(r) for r in touched.values()]
+        for output in outputs:
+            if output.finished:
+                del self._requests[output.request_id]
+        return outputs
+
+    def _append_token(self, request: _Request, seq: Sequence, result, now: float) -> None:
+        token = result.token_id
+        params = seq.params
+        seq.output_ids.append(token)
+        if result.logprobs is not None:
+            seq.output_logprobs.append(result.logprobs)
+        seq.first_token_time = seq.first_token_time or now
+        self.num_generation_tokens += 1
+        text = request.texts[seq.seq_id]
+        stop_string = text.append(token)
+        reason, stop_reason = None, None
+        if len(seq.output_ids) >= params.min_tokens:
+            if token == self.eos_token_id and not params.ignore_eos:
+                reason = FinishReason.STOP
+            elif token in params.stop_token_ids:
+                reason, stop_reason = FinishReason.STOP, token
+            elif stop_string is not None:
+                reason, stop_reason = FinishReason.STOP, stop_string
+        if reason is None and (len(seq.output_ids) >= params.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            text.finish()
+            seq.stop_reason = stop_reason
+            self.scheduler.finish(seq, reason)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        first = request.seqs[0]
+        outputs = [
+            CompletionOutput(
+                index=s.choice, text=request.texts[s.seq_id].stream_text, token_ids=list(s.output_ids),
+                logprobs=list(s.output_logprobs) if s.params.logprobs is not None else None,
+                finish_reason=s.finish_reason.value if s.finish_reason else None,
+                stop_reason=s.stop_reason)
+            for s in request.seqs]
+        times = [s.first_token_time for s in request.seqs if s.first_token_time]
+        return RequestOutput(
+            request_id=request.request_id, prompt_ids=request.prompt_ids,
+            prompt_logprobs=first.prompt_logprobs, outputs=outputs,
+            finished=all(s.is_finished for s in request.seqs),
+            arrival_time=request.arrival_time, first_token_time=min(times) if times else None,
+            num_cached_tokens=request.num_cached_tokens)
+
+
+def _kv_budget(kv_cache_memory: int | float | None) -> int:
+    """Bytes for the KV cache from the config value (see EngineConfig)."""
+    if isinstance(kv_cache_memory, int):
+        return kv_cache_memory
+    fraction = 0.9 if kv_cache_memory is None else kv_cache_memory
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return int(_CPU_DEFAULT_KV_BYTES * (fraction / 0.9 if kv_cache_memory is not None else 1))
+    return int(fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
