@@ -15,13 +15,11 @@ import time
 
 def _generate(args: argparse.Namespace) -> int:
     from checkpoints.loader import load_model
-    from engine.detokenizer import IncrementalDetokenizer
-    from engine.generate import Generator
-    from engine.model_runner import ModelRunner
+    from engine.llm_engine import EngineConfig, LLMEngine
     from engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     started = time.perf_counter()
     loaded = load_model(args.model)
     tokenizer = loaded.tokenizer
@@ -29,24 +27,29 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.chat}])
     else:
         prompt_ids = tokenizer.encode(args.prompt)
-    generator = Generator(ModelRunner(loaded.model), eos_token_id=tokenizer.eos_token_id,
-                          max_model_len=args.max_model_len)
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1, max_model_len=args.max_model_len))
+    engine.add_request("generate", prompt_ids, params)
     loaded_at = time.perf_counter()
 
-    detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+    sent = ""
     num_tokens = 0
     first_token_at = None
-    for token in generator.stream(prompt_ids, params):
-        num_tokens += 1
-        first_token_at = first_token_at or time.perf_counter()
-        sys.stdout.write(detokenizer.push(token))
-        sys.stdout.flush()
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            completion = output.outputs[0]
+            if completion.token_ids and first_token_at is None:
+                first_token_at = time.perf_counter()
+            num_tokens = len(completion.token_ids)
+            sys.stdout.write(completion.text[len(sent):])
+            sys.stdout.flush()
+            sent = completion.text
     finished = time.perf_counter()
     sys.stdout.write("\n")
-    decode_seconds = finished - (first_token_at or finished)
-    print(f"{num_tokens} tokens in {finished - loaded_at:.2f} s "
-          f"(prompt {len(prompt_ids)} tokens, first token {(first_token_at or finished) - loaded_at:.2f} s, "
-          f"{max(num_tokens - 1, 0) / decode_seconds if decode_seconds > 0 else 0.0:.1f} tok/s after it; "
+    first_token_at = first_token_at or finished
+    decode_seconds = finished - first_token_at
+    rate = (num_tokens - 1) / decode_seconds if num_tokens > 1 and decode_seconds > 0 else 0.0
+    print(f"{num_tokens} tokens in {finished - loaded_at:.2f} s (prompt {len(prompt_ids)} tokens, "
+          f"first token {first_token_at - loaded_at:.2f} s, {rate:.1f} tok/s after it; "
           f"load {loaded_at - started:.2f} s)", file=sys.stderr)
     return 0
 
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--max-model-len", type=int, default=None,
                      help="KV cache length in tokens (default: the model's, at most 8192)")
     gen.set_defaults(handler=_generate)

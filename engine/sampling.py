@@ -369,18 +369,3 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
         top_logprobs_bk, top_ids_bk = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
     return SampleResult(token_ids_b=token_ids_b, logprob_b=logprob_b,
                         top_ids_bk=top_ids_bk.astype(jnp.int32), top_logprobs_bk=top_logprobs_bk)
-
-
-@jax.jit
-def sample(logits_bv: jax.Array, temperature_b: jax.Array, top_p_b: jax.Array,
-           seed_b: jax.Array, position_b: jax.Array) -> jax.Array:
-    """One token id per row `[B]`: the old interface, kept until callers move to
-    `sample_tokens`. Temperature and top-p only; choice 0."""
-    b, v = logits_bv.shape
-    temperature_b = jnp.asarray(temperature_b, jnp.float32)
-    neutral = pack_sampling((), vocab_size=v, batch_size=b)  # shapes are static: numpy at trace time
-    arrays = neutral._replace(
-        temperature_b=jnp.where(temperature_b < MIN_SAMPLING_TEMPERATURE, 0.0, temperature_b),
-        top_p_b=jnp.asarray(top_p_b, jnp.float32), seed_b=jnp.asarray(seed_b, jnp.uint32),
-        position_b=jnp.asarray(position_b, jnp.int32))
-    return sample_tokens(logits_bv, arrays, num_top_logprobs=0).token_ids_b

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from engine.generate import Generator
-from engine.model_runner import ModelRunner
+from engine.llm import LLM
+from engine.llm_engine import EngineConfig
 from engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -27,9 +27,8 @@ def test_generate_chat_prints_the_greedy_completion(smollm2):
 
     tokenizer = smollm2.tokenizer
     prompt_ids = tokenizer.encode_chat([{"role": "user", "content": MESSAGE}])
-    generator = Generator(ModelRunner(smollm2.model), eos_token_id=tokenizer.eos_token_id,
-                          max_model_len=256)
-    tokens = list(generator.stream(prompt_ids, SamplingParams(max_tokens=16, temperature=0.0)))
+    llm = LLM(smollm2, config=EngineConfig(max_model_len=256))
+    tokens = llm.generate([prompt_ids], SamplingParams(max_tokens=16, temperature=0.0))[0].outputs[0].token_ids
     assert result.stdout == tokenizer.decode(tokens) + "\n"
     summary = result.stderr.strip().splitlines()[-1]
     assert summary.startswith(f"{len(tokens)} tokens in "), summary

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.sampling import (SamplingParams, SamplingRow, pack_sampling, sample,
+from engine.sampling import (SamplingParams, SamplingRow, pack_sampling,
                              sample_tokens)
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
@@ -215,22 +215,6 @@ def test_choices_and_positions_draw_independently():
     assert len(set(by_position)) == 1  # same seed, choice and position: same token
     rows = [SamplingRow(params=params, seed=42, position=p) for p in range(50)]
     assert len(set(_sample(np.tile(logits_v, (50, 1)), rows)[0])) > 10
-
-
-def test_old_sample_interface():
-    logits = np.random.default_rng(0).normal(size=(50, 100)).astype(np.float32)
-    ids = sample(jnp.asarray(logits), jnp.zeros(50), jnp.ones(50), jnp.arange(50, dtype=jnp.uint32),
-                 jnp.zeros(50, jnp.int32))
-    np.testing.assert_array_equal(np.asarray(ids), logits.argmax(-1))
-
-    def old(seeds):
-        n = len(seeds)
-        return np.asarray(sample(jnp.asarray(np.tile(logits[0], (n, 1))), jnp.ones(n), jnp.full(n, 0.95),
-                                 jnp.asarray(seeds, jnp.uint32), jnp.full(n, 7)))
-
-    many = old(np.arange(50))
-    assert old([42])[0] == many[42] == _draw(logits[0], SamplingParams(top_p=0.95), seeds=[42])[0]
-    assert len(set(many)) > 10
 
 
 # --- parameters ---------------------------------------------------------------------------
