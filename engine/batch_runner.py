@@ -2,13 +2,15 @@
 the compiled step (forward + sampling), returns what each sequence got.
 
 Where host and device meet (STYLE.md habit 2). Decodes and prompt chunks
-run as two compiled calls per step, each padded to bucketed shapes:
+run as separate compiled calls, each padded to bucketed shapes:
 
 - decode:  [B, 1] tokens, B a power of two ≤ max_num_seqs;
-- prefill: [B, T] tokens, B and T powers of two, B·T ≤ the token budget
-  rounded up, T ≥ MIN_PREFILL_TOKENS;
+- prefill: chunks grouped by their length bucket T (a power of two
+  ≥ MIN_PREFILL_TOKENS), one [B, T] call per group. Every chunk in a group
+  is longer than T/2 (bar the smallest group), so padding at most doubles
+  the work and B·T stays within a small multiple of the token budget;
 - both:    block tables of P pages, P a power of two ≥ MIN_PAGES, so
-  attention reads about as many pages as the longest context in the batch.
+  attention reads about as many pages as the longest context in the call.
 
 So the set of programs is bounded and `warmup` can compile all of them.
 The KV cache lives here and is donated to every call, so XLA updates it in
@@ -68,29 +70,41 @@ class BatchRunner:
     def _pages_bucket(self, num_pages: int) -> int:
         return min(bucket(num_pages, minimum=MIN_PAGES), bucket(self.max_pages))
 
+    def _length_bucket(self, num_tokens: int) -> int:
+        return bucket(num_tokens, minimum=MIN_PREFILL_TOKENS)
+
     def bucket_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (B, T, P) a step can be padded to; decode is T = 1."""
+        """Every (B, T, P) a call can be padded to; decode is T = 1."""
         pages = sorted({self._pages_bucket(p) for p in range(1, self.max_pages + 1)})
-        rows = [2 ** i for i in range(bucket(self.max_num_seqs).bit_length())]
-        decode = [(b, 1, p) for b in rows for p in pages]
-        budget = bucket(self.max_num_batched_tokens)
-        lengths = [t for t in (2 ** i for i in range(budget.bit_length())) if t >= MIN_PREFILL_TOKENS]
-        prefill = [(b, t, p) for b in rows for t in lengths for p in pages
-                   if b * t <= max(budget, MIN_PREFILL_TOKENS) and p * self.block_size >= t]
+        max_rows = bucket(self.max_num_seqs)
+        decode = [(b, 1, p) for b in _powers_of_two(max_rows) for p in pages]
+        prefill = []
+        for t in _powers_of_two(self._length_bucket(self.max_num_batched_tokens)):
+            if t < MIN_PREFILL_TOKENS:
+                continue
+            # Chunks in this group are longer than t/2 (except the smallest group).
+            shortest = 1 if t == MIN_PREFILL_TOKENS else t // 2 + 1
+            max_count = min(self.max_num_seqs, self.max_num_batched_tokens // shortest)
+            prefill += [(b, t, p) for b in _powers_of_two(bucket(max_count)) for p in pages
+                        if p * self.block_size >= t]
         return decode + prefill
 
     # -- one step ----------------------------------------------------------------
     def execute(self, scheduled: SchedulerOutput, block_tables: dict[int, list[int]]) -> dict[int, StepOutput]:
         """Run the step; keys are seq_ids of the chunks that sampled or asked for prompt logprobs."""
         results: dict[int, StepOutput] = {}
-        for chunks, is_decode in ((scheduled.decodes, True), (scheduled.prefills, False)):
-            if chunks:
-                results.update(self._run(chunks, block_tables, is_decode=is_decode))
+        if scheduled.decodes:
+            results.update(self._run(scheduled.decodes, block_tables, is_decode=True))
+        groups: dict[int, list[ScheduledChunk]] = {}
+        for chunk in scheduled.prefills:
+            groups.setdefault(self._length_bucket(chunk.num_tokens), []).append(chunk)
+        for chunks in groups.values():
+            results.update(self._run(chunks, block_tables, is_decode=False))
         return results
 
     def _run(self, chunks: Seq[ScheduledChunk], block_tables, *, is_decode: bool) -> dict[int, StepOutput]:
         b = bucket(len(chunks))
-        t = 1 if is_decode else bucket(max(c.num_tokens for c in chunks), minimum=MIN_PREFILL_TOKENS)
+        t = 1 if is_decode else self._length_bucket(max(c.num_tokens for c in chunks))
         max_pages = max(-(-(c.start + c.num_tokens) // self.block_size) for c in chunks)
         p = max(self._pages_bucket(max_pages), -(-t // self.block_size))
         token_ids = np.zeros((b, t), np.int32)
@@ -173,6 +187,11 @@ class BatchRunner:
                                        num_top_logprobs=0, with_prompt_logprobs=False)
         jax.block_until_ready(self.kv)
         return len(shapes)
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, … up to `limit` (itself a power of two)."""
+    return [2 ** i for i in range(limit.bit_length())]
 
 
 def _step(graphdef, state, kv, token_ids_bt, positions_bt, block_tables_bp, is_valid_bt,

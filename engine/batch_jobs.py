@@ -1,0 +1,376 @@
+"""`balansis run-batch`: an OpenAI Batch API file through the engine, offline.
+
+    balansis run-batch -i requests.jsonl -o results.jsonl [--model PATH] [--max-num-seqs 64]
+
+Input, one request a line, as OpenAI's Batch API takes it:
+
+    {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+Output, one line per input line, in the order requests finish (OpenAI's
+output is unordered too; match lines by custom_id):
+
+    {"id": "batch_req_…", "custom_id": "r1", "error": null,
+     "response": {"status_code": 200, "request_id": "req_…", "body": {a chat.completion}}}
+
+A line that cannot be served gets an error line and the rest goes on.
+`error` is {"code", "message", "param", "line"} (the fields of OpenAI's
+batch errors; `line` counts from 1). A bad request body (an invalid or
+unsupported parameter, a prompt too long) keeps its custom_id and gets
+`response` {"status_code": 400, "request_id", "body": {"error": OpenAI's
+error object}}; a line that is no request at all (not JSON, no custom_id, a
+repeated custom_id, a method or url we do not serve) gets `response` null.
+
+Requests run with continuous batching: up to `max_in_flight` lines are in
+the engine at once, and each is written as soon as it finishes.
+
+Exactly once, across crashes and kills:
+- each step's finished lines are built in full, then written with one
+  write() and fsync()ed, so the file holds whole lines plus, at worst, a
+  torn tail;
+- on start, a torn last line (no newline, or not JSON) is cut off, and the
+  lines already there are skipped: by custom_id, or by input line number
+  for error lines (the only way to know a line without a custom_id);
+- a custom_id is served at its first line; a later line with the same
+  custom_id gets a `duplicate_custom_id` error line.
+So a rerun with the same input appends only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # the engine imports JAX: keep `balansis --help` fast
+    from checkpoints.loader import LoadedModel
+    from engine.llm import LLM
+    from engine.llm_engine import RequestOutput
+    from engine.openai_format import ParsedRequest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchSummary:
+    num_results: int  # lines written with status 200
+    num_errors: int  # error lines written
+    num_skipped: int  # input lines already in the output file
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    """One input line in the engine."""
+
+    line_number: int
+    custom_id: str
+    request: ParsedRequest
+    created: int
+
+
+class _LineError(Exception):
+    """An input line that is no request: written with `response` null."""
+
+    def __init__(self, code: str, message: str, *, custom_id: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.custom_id, self.param = code, message, custom_id, param
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run-batch flags. Engine flags map one to one onto EngineConfig; unset ones
+    (None) keep its defaults, which are not repeated here so they cannot drift."""
+    parser.add_argument("-i", "--input-file", type=Path, required=True,
+                        help="OpenAI Batch API input: one JSON request a line")
+    parser.add_argument("-o", "--output-file", type=Path, required=True,
+                        help="results, one JSON line per input line; appended to, so a rerun resumes")
+    parser.add_argument("--model", default=None,
+                        help="GGUF file or HF safetensors folder (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the `model` of every response (default: the model's file or folder name)")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="requests read ahead into the engine (default: 2 x --max-num-seqs)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    engine = parser.add_argument_group("engine (default: EngineConfig's)")
+    engine.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's, "
+                        "at most 8192)")
+    engine.add_argument("--max-num-seqs", type=int, help="sequences per step")
+    engine.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
+    engine.add_argument("--block-size", type=int, help="KV cache page size in tokens")
+    engine.add_argument("--kv-cache-memory", type=_kv_cache_memory,
+                        help="KV cache size: bytes (8589934592) or a fraction of free device memory (0.5); "
+                             "default 0.9 of free memory, 2 GiB on CPU")
+    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const",
+                        const=False, help="do not reuse the KV of shared prompt prefixes")
+    engine.add_argument("--warmup", action="store_const", const=True,
+                        help="compile every bucketed program before the first request")
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """The `balansis run-batch` handler: load the model, run the file, print a summary."""
+    from engine.llm import LLM
+    from engine.llm_engine import EngineConfig
+
+    config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+                             if getattr(args, f.name, None) is not None})
+    if not args.input_file.is_file():
+        raise ValueError(f"{args.input_file}: no such file")
+    started = time.perf_counter()
+    llm = LLM(args.model, config=config)
+    summary = run_batch(llm, input_path=args.input_file, output_path=args.output_file,
+                        served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
+                        show_progress=not args.no_progress)
+    print(f"{summary.num_results} results, {summary.num_errors} errors, {summary.num_skipped} already "
+          f"done → {args.output_file} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _kv_cache_memory(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected bytes or a fraction, got {text!r}") from None
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def run_batch(model: LLM | LoadedModel, *, input_path: str | Path, output_path: str | Path,
+              served_model_name: str | None = None, max_in_flight: int | None = None,
+              show_progress: bool = True) -> BatchSummary:
+    """Run every input line not yet in `output_path` through the engine; append the results.
+
+    `model` is an LLM, or a LoadedModel run with the default EngineConfig.
+    Raises ValueError for an unusable input path or an output file that is
+    not a results file. Safe to kill at any moment and run again.
+    """
+    from tqdm import tqdm
+
+    from engine.llm import LLM
+
+    llm = model if isinstance(model, LLM) else LLM(model)
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise ValueError(f"{input_path}: no such file")
+    if output_path.is_dir() or not output_path.parent.is_dir():
+        raise ValueError(f"{output_path}: cannot write a file there")
+    if output_path.exists() and output_path.samefile(input_path):
+        raise ValueError(f"{output_path}: the output file must not be the input file")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+    runner = _Runner(llm, served_model_name or llm.engine.loaded.path.name)
+    max_in_flight = max_in_flight or 2 * llm.engine.config.max_num_seqs
+    with open(input_path, encoding="utf-8") as f:
+        num_lines = sum(1 for line in f if line.strip())
+    results = _ResultsFile(output_path)
+    num_results = num_errors = num_skipped = 0
+    in_flight: dict[str, _Job] = {}
+    seen: set[str] = set()  # custom_ids met so far in the input
+    try:
+        with open(input_path, encoding="utf-8") as f, \
+                tqdm(total=num_lines, unit="req", file=sys.stderr, disable=not show_progress,
+                     dynamic_ncols=True) as bar:
+            lines: Iterator[tuple[int, str]] = enumerate(f, 1)
+            is_exhausted = False
+            while True:
+                written: list[str] = []
+                while not is_exhausted and len(in_flight) < max_in_flight:
+                    numbered = next(lines, None)
+                    if numbered is None:
+                        is_exhausted = True
+                    elif numbered[1].strip():
+                        outcome = runner.admit(*numbered, seen=seen, results=results, in_flight=in_flight)
+                        if outcome == "skipped":
+                            num_skipped += 1
+                            bar.update(1)
+                        elif outcome is not None:
+                            written.append(outcome)
+                            num_errors += 1
+                if in_flight:
+                    for output in llm.engine.step():
+                        if output.finished:
+                            written.append(runner.result_line(in_flight.pop(output.request_id), output))
+                            num_results += 1
+                results.append(written)
+                bar.update(len(written))
+                if is_exhausted and not in_flight:
+                    break
+    finally:
+        for request_id in in_flight:  # interrupted: free the engine for the caller
+            llm.engine.abort_request(request_id)
+        results.close()
+    return BatchSummary(num_results=num_results, num_errors=num_errors, num_skipped=num_skipped)
+
+
+class _Runner:
+    """Turns input lines into engine requests, and outputs into result lines."""
+
+    def __init__(self, llm: LLM, served_model_name: str):
+        from engine import openai_format
+
+        self._fmt = openai_format
+        self._llm = llm
+        self._model = served_model_name
+        self._token_text = openai_format.TokenTexts(llm.tokenizer)
+
+    def admit(self, line_number: int, text: str, *, seen: set[str], results: _ResultsFile,
+              in_flight: dict[str, _Job]) -> str | None:
+        """Submit the line to the engine (None), skip it ("skipped"), or return its error line."""
+        fmt, engine = self._fmt, self._llm.engine
+        custom_id = None
+        try:
+            item = _request_line(text)
+            custom_id = item["custom_id"]
+            if line_number in results.done_lines or (custom_id not in seen
+                                                     and custom_id in results.done_custom_ids):
+                seen.add(custom_id)
+                return "skipped"
+            if custom_id in seen:
+                raise _LineError("duplicate_custom_id", f"custom_id {custom_id!r} is used by an earlier line; "
+                                 "only the first is run", custom_id=custom_id, param="custom_id")
+            seen.add(custom_id)
+            if item.get("method") != "POST":
+                raise _LineError("invalid_method", f"method must be POST, got {item.get('method')!r}",
+                                 custom_id=custom_id, param="method")
+            try:
+                endpoint = fmt.Endpoint(item.get("url"))
+            except ValueError:
+                raise _LineError("invalid_url", f"url must be one of {[e.value for e in fmt.Endpoint]}, "
+                                 f"got {item.get('url')!r}", custom_id=custom_id, param="url") from None
+        except _LineError as e:
+            if line_number in results.done_lines:
+                return "skipped"
+            return _line(custom_id=e.custom_id, response=None,
+                         error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
+
+        try:
+            request = fmt.parse_request(endpoint, item.get("body"))
+            if request.stream:
+                raise fmt.RequestError("stream is not supported in a batch", param="stream",
+                                       code="unsupported_parameter")
+            if len(request.prompts) > 1:
+                raise fmt.RequestError("one prompt per batch line", param="prompt")
+            vocab_size = engine.loaded.config.vocab_size
+            (prompt_ids,) = fmt.prompt_token_ids(request, self._llm.tokenizer, vocab_size=vocab_size)
+            params = fmt.sampling_params(request, num_prompt_tokens=len(prompt_ids),
+                                         max_model_len=engine.max_model_len, vocab_size=vocab_size)
+            request_id = f"batch-line-{line_number}"
+            try:
+                engine.add_request(request_id, prompt_ids, params)
+            except ValueError as e:  # what only the engine knows: e.g. the KV pool is too small
+                raise fmt.RequestError(str(e)) from None
+        except fmt.RequestError as e:
+            return _line(custom_id=custom_id,
+                         response={"status_code": e.status_code, "request_id": _request_id(),
+                                   "body": {"error": e.to_dict()}},
+                         error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
+        in_flight[request_id] = _Job(line_number, custom_id, request, int(time.time()))
+        return None
+
+    def result_line(self, job: _Job, output: RequestOutput) -> str:
+        fmt = self._fmt
+        common = dict(request=job.request, created=job.created, model=self._model, token_text=self._token_text)
+        if job.request.endpoint is fmt.Endpoint.CHAT:
+            body = fmt.chat_completion(output, response_id=f"chatcmpl-{uuid.uuid4().hex}", **common)
+        else:
+            prompt = job.request.prompts[0]
+            prompt_text = prompt if isinstance(prompt, str) else self._llm.tokenizer.decode(prompt)
+            body = fmt.text_completion([output], prompt_texts=[prompt_text],
+                                       response_id=f"cmpl-{uuid.uuid4().hex}", **common)
+        return _line(custom_id=job.custom_id, error=None,
+                     response={"status_code": 200, "request_id": _request_id(), "body": body})
+
+
+def _request_line(text: str) -> dict[str, Any]:
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _LineError("invalid_json", f"not valid JSON: {e}") from None
+    if not isinstance(item, dict):
+        raise _LineError("invalid_json", "a request line must be a JSON object")
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise _LineError("missing_custom_id", f"custom_id must be a non-empty string, got {custom_id!r}",
+                         param="custom_id")
+    return item
+
+
+def _line(*, custom_id: str | None, response: dict | None, error: dict | None) -> str:
+    record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response,
+              "error": error}
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def _request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+# -- the output file ------------------------------------------------------------------------
+
+
+class _ResultsFile:
+    """The output file: repaired on open, then appended to whole lines at a time, fsynced."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done_custom_ids: set[str] = set()
+        self.done_lines: set[int] = set()  # input line numbers of error lines
+        data = path.read_bytes() if path.exists() else b""
+        keep = self._read(data)
+        if keep < len(data):
+            os.truncate(path, keep)  # a torn tail from a killed run
+        is_new = not path.exists()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.fsync(self._fd)
+        if is_new:  # make the new file's directory entry durable too
+            _fsync_dir(path.parent)
+
+    def _read(self, data: bytes) -> int:
+        """Note the lines already done; return how many bytes of whole lines to keep."""
+        keep = data.rfind(b"\n") + 1  # after the last newline: a torn write
+        lines = data[:keep].split(b"\n")[:-1]
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                if number == len(lines):  # the last line's write was torn
+                    return keep - len(raw) - 1
+                raise ValueError(f"{self.path}: line {number} is not a result line; "
+                                 "refusing to append to this file") from None
+            error = record.get("error") or {}
+            if isinstance(error, dict) and isinstance(error.get("line"), int):
+                self.done_lines.add(error["line"])
+            if isinstance(record.get("custom_id"), str) and error.get("code") != "duplicate_custom_id":
+                self.done_custom_ids.add(record["custom_id"])
+        return keep
+
+    def append(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        data = memoryview("".join(lines).encode("utf-8"))
+        while data:  # one write() unless the kernel takes less
+            data = data[os.write(self._fd, data):]
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
