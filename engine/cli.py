@@ -12,10 +12,13 @@ import os
 import sys
 import time
 
+from engine.engine_args import add_engine_arguments
+
 
 def _generate(args: argparse.Namespace) -> int:
     from checkpoints.loader import load_model
-    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.engine_args import engine_config_from_args
+    from engine.llm_engine import LLMEngine
     from engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -27,7 +30,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.chat}])
     else:
         prompt_ids = tokenizer.encode(args.prompt)
-    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1, max_model_len=args.max_model_len))
+    engine = LLMEngine(loaded, engine_config_from_args(args, max_num_seqs=1))
     engine.add_request("generate", prompt_ids, params)
     loaded_at = time.perf_counter()
 
@@ -69,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--max-model-len", type=int, default=None,
-                     help="KV cache length in tokens (default: the model's, at most 8192)")
+    add_engine_arguments(gen)
     gen.set_defaults(handler=_generate)
     return parser
 

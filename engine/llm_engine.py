@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from checkpoints.loader import LoadedModel
 from engine.batch_runner import BatchRunner
 from engine.block_manager import BlockManager
+from engine.compilation_cache import enable_compilation_cache
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence, TokenLogprobs
@@ -43,6 +44,7 @@ class EngineConfig:
     kv_cache_memory: int | float | None = None
     enable_prefix_caching: bool = True
     warmup: bool = False  # compile every bucketed program at start
+    compilation_cache_dir: str | None = None  # JAX's persistent cache; None: off
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -90,6 +92,8 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+        if config.compilation_cache_dir is not None:
+            enable_compilation_cache(config.compilation_cache_dir)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         cfg = loaded.config
