@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from engine.model_runner import bucket
+from engine.packing import Layout, pack, unpack
 from engine.sampling import (SampleResult, SamplingArrays, SamplingParams, SamplingRow, pack_sampling,
                              sample_tokens)
 from engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -131,8 +132,9 @@ class BatchRunner:
         wants_logprobs = any(c.seq.params.logprobs is not None for c in chunks)
         wants_prompt_logprobs = not is_decode and any(
             c.seq.params.prompt_logprobs is not None for c in chunks)
+        buffer, layout = pack((token_ids, positions, tables, is_valid, arrays, next_ids))
         sample, prompt, self.kv = self._step(
-            self.state, self.kv, token_ids, positions, tables, is_valid, arrays, next_ids,
+            layout, self.state, self.kv, buffer,
             num_top_logprobs=MAX_LOGPROBS if wants_logprobs else 0,
             with_prompt_logprobs=wants_prompt_logprobs)
         return self._unpack(chunks, sample, prompt)
@@ -182,8 +184,9 @@ class BatchRunner:
             arrays = pack_sampling([SamplingRow(params=_WARMUP_PARAMS, seed=0, position=0)],
                                    vocab_size=self.config.vocab_size, batch_size=b)
             zeros = np.zeros((b, t), np.int32)
-            _, _, self.kv = self._step(self.state, self.kv, zeros, zeros, np.zeros((b, p), np.int32),
-                                       np.zeros((b, t), bool), arrays, zeros,
+            buffer, layout = pack((zeros, zeros, np.zeros((b, p), np.int32), np.zeros((b, t), bool),
+                                   arrays, zeros))
+            _, _, self.kv = self._step(layout, self.state, self.kv, buffer,
                                        num_top_logprobs=0, with_prompt_logprobs=False)
         jax.block_until_ready(self.kv)
         return len(shapes)
@@ -194,9 +197,10 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2 ** i for i in range(limit.bit_length())]
 
 
-def _step(graphdef, state, kv, token_ids_bt, positions_bt, block_tables_bp, is_valid_bt,
-          sampling: SamplingArrays, next_ids_bt, *, num_top_logprobs: int, with_prompt_logprobs: bool):
+def _step(graphdef, layout: Layout, state, kv, buffer_n, *, num_top_logprobs: int,
+          with_prompt_logprobs: bool):
     """Forward over the paged cache, then sample at each row's last valid token."""
+    token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, sampling, next_ids_bt = unpack(buffer_n, layout)
     model = nnx.merge(graphdef, state)
     hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt)
     last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)
@@ -211,7 +215,8 @@ def _step(graphdef, state, kv, token_ids_bt, positions_bt, block_tables_bp, is_v
     return sample, prompt, kv
 
 
-# The graph definition is static (hashable), so every runner of the same
-# architecture shares compiled programs; weights stay arguments.
-_compiled_step = jax.jit(_step, static_argnums=(0,), donate_argnums=(2,),
+# The graph definition and the input layout are static (hashable): every
+# runner of the same architecture shares compiled programs, and weights stay
+# arguments. All other inputs arrive packed in one buffer (one transfer).
+_compiled_step = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3,),
                          static_argnames=("num_top_logprobs", "with_prompt_logprobs"))
