@@ -13,7 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from checkpoints import gguf_file, safetensors_dir
-from checkpoints.default_model import default_model_path
+from checkpoints.default_model import DEFAULT_MODEL_NAME, default_model_path
 from checkpoints.errors import CheckpointError
 from checkpoints.tokenizer import Tokenizer
 from model.config import DecoderConfig
@@ -46,3 +46,18 @@ def load_model(path: str | Path | None = None, *, dtype=jnp.float32) -> LoadedMo
         raise CheckpointError(
             f"{path}: not a model: expected a GGUF file or a folder with config.json and safetensors")
     return LoadedModel(path=path, config=config, model=model, tokenizer=tokenizer)
+
+
+def model_name(loaded: LoadedModel) -> str:
+    """The name a model is served under by default: the default model's own
+    name, else the file or folder name."""
+    if loaded.path == default_model_path_or_none():
+        return DEFAULT_MODEL_NAME
+    return loaded.path.name
+
+
+def default_model_path_or_none() -> Path | None:
+    try:
+        return default_model_path()
+    except CheckpointError:
+        return None

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import os
 import sys
@@ -47,7 +48,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-if TYPE_CHECKING:  # the engine imports JAX: keep `balansis --help` fast
+if TYPE_CHECKING:  # the engine modules load JAX; they are imported where they are used
     from checkpoints.loader import LoadedModel
     from engine.llm import LLM
     from engine.llm_engine import RequestOutput
@@ -71,6 +72,12 @@ class _Job:
     created: int
 
 
+class _Admission(enum.Enum):
+    SUBMITTED = "submitted"  # now in the engine
+    SKIPPED = "skipped"  # already in the output file
+    REJECTED = "rejected"  # an error line to write
+
+
 class _LineError(Exception):
     """An input line that is no request: written with `response` null."""
 
@@ -83,8 +90,9 @@ class _LineError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The run-batch flags. Engine flags map one to one onto EngineConfig; unset ones
-    (None) keep its defaults, which are not repeated here so they cannot drift."""
+    """The run-batch flags, plus the engine's (engine_args: one to one onto EngineConfig)."""
+    from engine.engine_args import add_engine_arguments
+
     parser.add_argument("-i", "--input-file", type=Path, required=True,
                         help="OpenAI Batch API input: one JSON request a line")
     parser.add_argument("-o", "--output-file", type=Path, required=True,
@@ -96,48 +104,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="requests read ahead into the engine (default: 2 x --max-num-seqs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    engine = parser.add_argument_group("engine (default: EngineConfig's)")
-    engine.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's, "
-                        "at most 8192)")
-    engine.add_argument("--max-num-seqs", type=int, help="sequences per step")
-    engine.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
-    engine.add_argument("--block-size", type=int, help="KV cache page size in tokens")
-    engine.add_argument("--kv-cache-memory", type=_kv_cache_memory,
-                        help="KV cache size: bytes (8589934592) or a fraction of free device memory (0.5); "
-                             "default 0.9 of free memory, 2 GiB on CPU")
-    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const",
-                        const=False, help="do not reuse the KV of shared prompt prefixes")
-    engine.add_argument("--warmup", action="store_const", const=True,
-                        help="compile every bucketed program before the first request")
+    add_engine_arguments(parser)
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
     """The `balansis run-batch` handler: load the model, run the file, print a summary."""
+    from engine.engine_args import engine_config_from_args
     from engine.llm import LLM
-    from engine.llm_engine import EngineConfig
 
-    config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
-                             if getattr(args, f.name, None) is not None})
-    if not args.input_file.is_file():
+    if not args.input_file.is_file():  # before the model loads
         raise ValueError(f"{args.input_file}: no such file")
     started = time.perf_counter()
-    llm = LLM(args.model, config=config)
+    llm = LLM(args.model, config=engine_config_from_args(args))
     summary = run_batch(llm, input_path=args.input_file, output_path=args.output_file,
                         served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
                         show_progress=not args.no_progress)
     print(f"{summary.num_results} results, {summary.num_errors} errors, {summary.num_skipped} already "
           f"done → {args.output_file} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return 0
-
-
-def _kv_cache_memory(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected bytes or a fraction, got {text!r}") from None
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -154,6 +138,7 @@ def run_batch(model: LLM | LoadedModel, *, input_path: str | Path, output_path: 
     """
     from tqdm import tqdm
 
+    from checkpoints.loader import model_name
     from engine.llm import LLM
 
     llm = model if isinstance(model, LLM) else LLM(model)
@@ -166,19 +151,20 @@ def run_batch(model: LLM | LoadedModel, *, input_path: str | Path, output_path: 
         raise ValueError(f"{output_path}: the output file must not be the input file")
     if max_in_flight is not None and max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-    runner = _Runner(llm, served_model_name or llm.engine.loaded.path.name)
+    runner = _Runner(llm, served_model_name or model_name(llm.engine.loaded))
     max_in_flight = max_in_flight or 2 * llm.engine.config.max_num_seqs
-    with open(input_path, encoding="utf-8") as f:
+    # Bytes, not text: a line that is not UTF-8 is an error line, not the end of the run.
+    with open(input_path, "rb") as f:
         num_lines = sum(1 for line in f if line.strip())
     results = _ResultsFile(output_path)
     num_results = num_errors = num_skipped = 0
     in_flight: dict[str, _Job] = {}
     seen: set[str] = set()  # custom_ids met so far in the input
     try:
-        with open(input_path, encoding="utf-8") as f, \
+        with open(input_path, "rb") as f, \
                 tqdm(total=num_lines, unit="req", file=sys.stderr, disable=not show_progress,
                      dynamic_ncols=True) as bar:
-            lines: Iterator[tuple[int, str]] = enumerate(f, 1)
+            lines: Iterator[tuple[int, bytes]] = enumerate(f, 1)
             is_exhausted = False
             while True:
                 written: list[str] = []
@@ -187,12 +173,13 @@ def run_batch(model: LLM | LoadedModel, *, input_path: str | Path, output_path: 
                     if numbered is None:
                         is_exhausted = True
                     elif numbered[1].strip():
-                        outcome = runner.admit(*numbered, seen=seen, results=results, in_flight=in_flight)
-                        if outcome == "skipped":
+                        admission, error_line = runner.admit(*numbered, seen=seen, results=results,
+                                                             in_flight=in_flight)
+                        if admission is _Admission.SKIPPED:
                             num_skipped += 1
                             bar.update(1)
-                        elif outcome is not None:
-                            written.append(outcome)
+                        elif admission is _Admission.REJECTED:
+                            written.append(error_line)
                             num_errors += 1
                 if in_flight:
                     for output in llm.engine.step():
@@ -221,9 +208,9 @@ class _Runner:
         self._model = served_model_name
         self._token_text = openai_format.TokenTexts(llm.tokenizer)
 
-    def admit(self, line_number: int, text: str, *, seen: set[str], results: _ResultsFile,
-              in_flight: dict[str, _Job]) -> str | None:
-        """Submit the line to the engine (None), skip it ("skipped"), or return its error line."""
+    def admit(self, line_number: int, text: bytes, *, seen: set[str], results: _ResultsFile,
+              in_flight: dict[str, _Job]) -> tuple[_Admission, str | None]:
+        """Submit the line to the engine, skip it, or reject it with an error line (returned)."""
         fmt, engine = self._fmt, self._llm.engine
         custom_id = None
         try:
@@ -232,7 +219,7 @@ class _Runner:
             if line_number in results.done_lines or (custom_id not in seen
                                                      and custom_id in results.done_custom_ids):
                 seen.add(custom_id)
-                return "skipped"
+                return _Admission.SKIPPED, None
             if custom_id in seen:
                 raise _LineError("duplicate_custom_id", f"custom_id {custom_id!r} is used by an earlier line; "
                                  "only the first is run", custom_id=custom_id, param="custom_id")
@@ -247,9 +234,10 @@ class _Runner:
                                  f"got {item.get('url')!r}", custom_id=custom_id, param="url") from None
         except _LineError as e:
             if line_number in results.done_lines:
-                return "skipped"
-            return _line(custom_id=e.custom_id, response=None,
-                         error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
+                return _Admission.SKIPPED, None
+            return _Admission.REJECTED, _line(
+                custom_id=e.custom_id, response=None,
+                error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
 
         try:
             request = fmt.parse_request(endpoint, item.get("body"))
@@ -268,12 +256,12 @@ class _Runner:
             except ValueError as e:  # what only the engine knows: e.g. the KV pool is too small
                 raise fmt.RequestError(str(e)) from None
         except fmt.RequestError as e:
-            return _line(custom_id=custom_id,
-                         response={"status_code": e.status_code, "request_id": _request_id(),
-                                   "body": {"error": e.to_dict()}},
-                         error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
+            return _Admission.REJECTED, _line(
+                custom_id=custom_id,
+                response={"status_code": e.status_code, "request_id": _request_id(), "body": {"error": e.to_dict()}},
+                error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
         in_flight[request_id] = _Job(line_number, custom_id, request, int(time.time()))
-        return None
+        return _Admission.SUBMITTED, None
 
     def result_line(self, job: _Job, output: RequestOutput) -> str:
         fmt = self._fmt
@@ -289,10 +277,10 @@ class _Runner:
                      response={"status_code": 200, "request_id": _request_id(), "body": body})
 
 
-def _request_line(text: str) -> dict[str, Any]:
+def _request_line(text: bytes) -> dict[str, Any]:
     try:
         item = json.loads(text)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
         raise _LineError("invalid_json", f"not valid JSON: {e}") from None
     if not isinstance(item, dict):
         raise _LineError("invalid_json", "a request line must be a JSON object")

@@ -1,7 +1,7 @@
 """The `balansis` command line.
 
-Subcommands: `generate` (this release); `serve`, `run-batch`, `convert`,
-`inspect` and `bench` come with later work. Each subcommand's flags map one
+Subcommands: `generate`, `run-batch`, `bench`; `serve`, `convert` and
+`inspect` come with later work. Each subcommand's flags map one
 to one onto the parameters of the code it calls.
 """
 
@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     add_engine_arguments(gen)
     gen.set_defaults(handler=_generate)
+
+    from engine import batch_jobs
+
+    batch = commands.add_parser("run-batch", help="run an OpenAI Batch API input file offline")
+    batch_jobs.add_arguments(batch)
+    batch.set_defaults(handler=batch_jobs.run_batch_command)
     return parser
 
 

@@ -130,6 +130,11 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.loaded.config.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.loaded.config.vocab_size})")
+        vocab_size = self.loaded.config.vocab_size
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias or ()]),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab_size for t in ids):
+                raise ValueError(f"{name} token ids must be in [0, {vocab_size})")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "

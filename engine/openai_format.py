@@ -108,7 +108,7 @@ def parse_request(endpoint: Endpoint, body: Any) -> ParsedRequest:
     known, unsupported = ((_CHAT_FIELDS, _CHAT_UNSUPPORTED) if is_chat
                           else (_COMPLETION_FIELDS, _COMPLETION_UNSUPPORTED))
     body = dict(body)
-    if not is_chat and body.get("best_of") is not None and body["best_of"] == body.get("n", 1):
+    if not is_chat and body.get("best_of") is not None and body["best_of"] == (body.get("n") or 1):
         del body["best_of"]  # best_of == n picks every choice: nothing to do
     for key, value in body.items():
         if key in unsupported:
@@ -119,7 +119,7 @@ def parse_request(endpoint: Endpoint, body: Any) -> ParsedRequest:
                                code="unknown_parameter")
 
     sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
-    if sampling.get("top_k") in (0, -1):
+    if sampling.get("top_k") in (0, -1) and not isinstance(sampling["top_k"], bool):
         del sampling["top_k"]  # vLLM's spelling of "no top-k"
     if not isinstance(sampling.get("stop", ""), (str, list)):
         raise RequestError("stop must be a string or a list of strings", param="stop")
