@@ -222,9 +222,10 @@ class LLMEngine:
         seq.first_token_time = seq.first_token_time or now
         self.num_generation_tokens += 1
         text = request.texts[seq.seq_id]
-        stop_string = text.append(token)
+        past_min_tokens = len(seq.output_ids) >= params.min_tokens
+        stop_string = text.append(token, check_stops=past_min_tokens)
         reason, stop_reason = None, None
-        if len(seq.output_ids) >= params.min_tokens:
+        if past_min_tokens:
             if token == self.eos_token_id and not params.ignore_eos:
                 reason = FinishReason.STOP
             elif token in params.stop_token_ids:

@@ -22,10 +22,14 @@ class TextOutput:
         self.text = ""
         self.is_final = False
 
-    def append(self, token_id: int) -> str | None:
-        """Add a generated token; return the stop string it completed, if any (the text is then cut)."""
+    def append(self, token_id: int, *, check_stops: bool = True) -> str | None:
+        """Add a generated token; return the stop string it completed, if any (the text is then cut).
+
+        `check_stops` False (before min_tokens) lets stop strings pass.
+        """
         piece = self._detokenizer.push(token_id)
-        if not piece:
+        if not piece or not check_stops:
+            self.text += piece
             return None
         search_from = max(0, len(self.text) - self._hold)
         self.text += piece
