@@ -30,8 +30,8 @@ from flax import nnx
 
 from engine.model_runner import bucket
 from engine.packing import Layout, pack, unpack
-from engine.sampling import (SampleResult, SamplingArrays, SamplingParams, SamplingRow, pack_sampling,
-                             sample_tokens)
+from engine.sampler import SampleResult, SamplingRow, pack_sampling, sample_tokens
+from engine.sampling import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import TokenLogprobs
 from model import numerics
@@ -40,7 +40,6 @@ from model.llama import LlamaForCausalLM
 
 MIN_PREFILL_TOKENS = 16  # short prompts share one program
 MIN_PAGES = 8  # block tables shorter than this are padded up to it
-MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 _WARMUP_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
 

@@ -1,36 +1,18 @@
-"""Per-request sampling parameters and the on-device sampler.
+"""Per-request sampling parameters: what a request asks for (the OpenAI and
+vLLM fields), validated once when the request arrives.
 
-Host to device, in three steps:
-
-- `SamplingParams`: what a request asks for (the OpenAI / vLLM fields),
-  validated once when the request arrives.
-- `SamplingRow` → `pack_sampling` → `SamplingArrays`: each step the engine
-  describes every row of its batch (parameters, resolved seed, choice index,
-  position, token history, banned ids); the packer turns them into per-row
-  numpy arrays whose widths are powers of two, so few programs compile.
-- `sample_tokens`: one jitted function of (logits, arrays) that processes the
-  logits in vLLM's order (bias, bans, penalties, temperature, top-k, top-p,
-  min-p) and draws one token per row by Gumbel-max.
-
-Reproducibility (shared/DESIGN.md, decision 4): the key of a draw is derived
-from the row's seed, choice index and the position of the token being
-sampled, never from the row's place in the batch, and every operation is
-row-wise, so a seeded request samples the same tokens whatever else runs.
+The on-device sampler that honours them is `engine/sampler.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
-from typing import Callable, Collection, Iterable, Mapping, NamedTuple, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from model import numerics
 
 # OpenAI's limit on returned alternatives per token (`top_logprobs`).
 MAX_LOGPROBS = 20
@@ -48,7 +30,7 @@ def _real(name: str, value, ok: Callable[[float], bool], expected: str) -> float
     return float(value)
 
 
-def _integer(name: str, value, ok: Callable[[int], bool], expected: str) -> int:
+def checked_integer(name: str, value, ok: Callable[[int], bool], expected: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not ok(int(value)):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return int(value)
@@ -93,14 +75,14 @@ class SamplingParams:
         def store(name, value):  # frozen: normalised values go in through object
             object.__setattr__(self, name, value)
 
-        store("n", _integer("n", self.n, lambda x: x >= 1, "at least 1"))
-        store("max_tokens", _integer("max_tokens", self.max_tokens, lambda x: x >= 1, "at least 1"))
-        store("min_tokens", _integer("min_tokens", self.min_tokens, lambda x: 0 <= x <= self.max_tokens,
+        store("n", checked_integer("n", self.n, lambda x: x >= 1, "at least 1"))
+        store("max_tokens", checked_integer("max_tokens", self.max_tokens, lambda x: x >= 1, "at least 1"))
+        store("min_tokens", checked_integer("min_tokens", self.min_tokens, lambda x: 0 <= x <= self.max_tokens,
                                      f"in [0, max_tokens={self.max_tokens}]"))
         store("temperature", _real("temperature", self.temperature, lambda x: x >= 0, ">= 0"))
         store("top_p", _real("top_p", self.top_p, lambda x: 0 < x <= 1, "in (0, 1]"))
         if self.top_k is not None:
-            store("top_k", _integer("top_k", self.top_k, lambda x: x >= 1, "None or at least 1"))
+            store("top_k", checked_integer("top_k", self.top_k, lambda x: x >= 1, "None or at least 1"))
         store("min_p", _real("min_p", self.min_p, lambda x: 0 <= x <= 1, "in [0, 1]"))
         for name in ("presence_penalty", "frequency_penalty"):
             store(name, _real(name, getattr(self, name), lambda x: -2 <= x <= 2, "in [-2, 2]"))
@@ -108,17 +90,17 @@ class SamplingParams:
               _real("repetition_penalty", self.repetition_penalty, lambda x: x > 0, "> 0"))
         store("logit_bias", self._normalised_logit_bias())
         if self.seed is not None:
-            store("seed", _integer("seed", self.seed, lambda x: 0 <= x < NUM_SEEDS, "in [0, 2**32)"))
+            store("seed", checked_integer("seed", self.seed, lambda x: 0 <= x < NUM_SEEDS, "in [0, 2**32)"))
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                store(name, _integer(name, getattr(self, name), lambda x: 0 <= x <= MAX_LOGPROBS,
+                store(name, checked_integer(name, getattr(self, name), lambda x: 0 <= x <= MAX_LOGPROBS,
                                      f"None or in [0, {MAX_LOGPROBS}]"))
         # None is accepted for the lists too: OpenAI bodies send null for "none".
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         store("stop", stop)
-        store("stop_token_ids", tuple(_integer("stop_token_ids", t, lambda x: x >= 0, "token ids >= 0")
+        store("stop_token_ids", tuple(checked_integer("stop_token_ids", t, lambda x: x >= 0, "token ids >= 0")
                                       for t in self.stop_token_ids or ()))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             store(name, _flag(name, getattr(self, name)))
@@ -132,7 +114,7 @@ class SamplingParams:
         except (TypeError, ValueError):
             raise ValueError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}") from None
         return tuple(sorted(
-            (_integer("logit_bias", token_id, lambda x: x >= 0, "keyed by token ids >= 0"),
+            (checked_integer("logit_bias", token_id, lambda x: x >= 0, "keyed by token ids >= 0"),
              _real("logit_bias", bias, lambda x: -100 <= x <= 100, "valued in [-100, 100]"))
             for token_id, bias in pairs)) or None
 
@@ -154,218 +136,3 @@ class SamplingParams:
             return ()
         eos = () if self.ignore_eos else tuple(eos_token_ids)
         return tuple(sorted(set(self.stop_token_ids) | set(eos)))
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class SamplingRow:
-    """One batch row's sampling inputs for one step (host side).
-
-    `seed` is resolved: the engine picks one for an unseeded request, once.
-    `prompt_ids` / `output_ids` are read only when `params.needs_history`.
-    """
-
-    params: SamplingParams
-    seed: int
-    position: int  # position of the token being sampled
-    choice: int = 0  # which of the request's n choices this row is
-    prompt_ids: Sequence[int] = ()
-    output_ids: Sequence[int] = ()
-    banned_ids: Sequence[int] = ()
-
-    def __post_init__(self):
-        _integer("seed", self.seed, lambda x: 0 <= x < NUM_SEEDS, "in [0, 2**32)")
-        _integer("position", self.position, lambda x: x >= 0, ">= 0")
-        _integer("choice", self.choice, lambda x: 0 <= x < self.params.n,
-                 f"in [0, n={self.params.n})")
-
-
-class SamplingArrays(NamedTuple):
-    """Per-row sampling inputs of a batch of B rows, as the device reads them."""
-
-    temperature_b: jax.Array  # f32; 0 = greedy
-    top_p_b: jax.Array  # f32; 1 = no limit
-    top_k_b: jax.Array  # int32; 0 = no limit
-    min_p_b: jax.Array  # f32; 0 = no limit
-    presence_b: jax.Array  # f32
-    frequency_b: jax.Array  # f32
-    repetition_b: jax.Array  # f32; 1 = none
-    seed_b: jax.Array  # uint32
-    choice_b: jax.Array  # int32
-    position_b: jax.Array  # int32
-    history_bl: jax.Array  # int32 [B, L]: prompt then output ids, valid where history_mask_bl
-    history_mask_bl: jax.Array  # bool [B, L]
-    is_output_bl: jax.Array  # bool [B, L]: a generated token, not a prompt token
-    bias_ids_bk: jax.Array  # int32 [B, K]; padding is id 0 with bias 0
-    bias_values_bk: jax.Array  # f32 [B, K]
-    banned_ids_bs: jax.Array  # int32 [B, S], valid where banned_mask_bs
-    banned_mask_bs: jax.Array  # bool [B, S]
-
-
-class SampleResult(NamedTuple):
-    token_ids_b: jax.Array  # int32
-    logprob_b: jax.Array  # f32: the token's log-prob under the raw model distribution
-    top_ids_bk: jax.Array  # int32 [B, num_top_logprobs], most likely first
-    top_logprobs_bk: jax.Array  # f32 [B, num_top_logprobs]
-
-
-def _pow2_at_least(n: int) -> int:
-    # Array widths are padded to powers of two so a few compiled programs
-    # cover every batch. (The runner's `bucket` does the same; not imported,
-    # so the runner can import this module.)
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _checked_ids(name: str, row: int, ids: Iterable[int], vocab_size: int) -> np.ndarray:
-    ids_n = np.asarray(ids, np.int64).reshape(-1)
-    if ids_n.size and (ids_n.min() < 0 or ids_n.max() >= vocab_size):
-        raise ValueError(f"row {row}: {name} must be token ids in [0, {vocab_size}), "
-                         f"got {ids_n.min()}..{ids_n.max()}")
-    return ids_n.astype(np.int32)
-
-
-def pack_sampling(rows: Sequence[SamplingRow], *, vocab_size: int,
-                  batch_size: int | None = None) -> SamplingArrays:
-    """Numpy `SamplingArrays` for `rows`, padded to `batch_size` rows (default: len(rows)).
-
-    Padding rows are greedy with nothing banned or biased. Rows whose params
-    need no history contribute none, so when no row uses a penalty L is 1 and
-    fully masked. L, K and S are powers of two.
-    """
-    b = len(rows) if batch_size is None else batch_size
-    if b < max(len(rows), 1):
-        raise ValueError(f"batch_size must be at least the number of rows ({len(rows)}) and 1, got {b}")
-    histories, biases, bans = [], [], []
-    for i, row in enumerate(rows):
-        p = row.params
-        prompt = row.prompt_ids if p.repetition_penalty != 1 else ()  # only it reads the prompt
-        output = row.output_ids if p.needs_history else ()
-        histories.append((_checked_ids("prompt_ids", i, prompt, vocab_size),
-                          _checked_ids("output_ids", i, output, vocab_size)))
-        bias = p.logit_bias or ()
-        biases.append((_checked_ids("logit_bias", i, [t for t, _ in bias], vocab_size),
-                       np.asarray([v for _, v in bias], np.float32)))
-        bans.append(_checked_ids("banned_ids", i, row.banned_ids, vocab_size))
-    lengths = [len(h[0]) + len(h[1]) for h in histories]
-    num_history = _pow2_at_least(max(lengths, default=1))
-    num_bias = _pow2_at_least(max((len(ids) for ids, _ in biases), default=1))
-    num_banned = _pow2_at_least(max((len(ids) for ids in bans), default=1))
-
-    a = SamplingArrays(
-        temperature_b=np.zeros(b, np.float32), top_p_b=np.ones(b, np.float32),
-        top_k_b=np.zeros(b, np.int32), min_p_b=np.zeros(b, np.float32),
-        presence_b=np.zeros(b, np.float32), frequency_b=np.zeros(b, np.float32),
-        repetition_b=np.ones(b, np.float32), seed_b=np.zeros(b, np.uint32),
-        choice_b=np.zeros(b, np.int32), position_b=np.zeros(b, np.int32),
-        history_bl=np.zeros((b, num_history), np.int32),
-        history_mask_bl=np.zeros((b, num_history), bool),
-        is_output_bl=np.zeros((b, num_history), bool),
-        bias_ids_bk=np.zeros((b, num_bias), np.int32), bias_values_bk=np.zeros((b, num_bias), np.float32),
-        banned_ids_bs=np.zeros((b, num_banned), np.int32),
-        banned_mask_bs=np.zeros((b, num_banned), bool))
-    for i, row in enumerate(rows):
-        p = row.params
-        if not p.is_greedy:  # greedy rows keep the neutral values, so they never force a sort
-            a.temperature_b[i], a.top_p_b[i], a.min_p_b[i] = p.temperature, p.top_p, p.min_p
-            a.top_k_b[i] = p.top_k if p.top_k is not None and p.top_k < vocab_size else 0
-        a.presence_b[i], a.frequency_b[i] = p.presence_penalty, p.frequency_penalty
-        a.repetition_b[i] = p.repetition_penalty
-        a.seed_b[i], a.choice_b[i], a.position_b[i] = row.seed, row.choice, row.position
-        prompt, output = histories[i]
-        a.history_bl[i, :lengths[i]] = np.concatenate([prompt, output])
-        a.history_mask_bl[i, :lengths[i]] = True
-        a.is_output_bl[i, len(prompt):lengths[i]] = True
-        a.bias_ids_bk[i, :len(biases[i][0])], a.bias_values_bk[i, :len(biases[i][1])] = biases[i]
-        a.banned_ids_bs[i, :len(bans[i])] = bans[i]
-        a.banned_mask_bs[i, :len(bans[i])] = True
-    return a
-
-
-def _apply_penalties(logits_bv: jax.Array, a: SamplingArrays) -> jax.Array:
-    """Repetition (prompt and output tokens), then frequency and presence (output tokens)."""
-    b, v = logits_bv.shape
-    rows_bl = jnp.broadcast_to(jnp.arange(b)[:, None], a.history_bl.shape)
-    # Invalid entries scatter to the out-of-range id v, which mode="drop" discards.
-    seen_ids_bl = jnp.where(a.history_mask_bl, a.history_bl, v)
-    output_ids_bl = jnp.where(a.history_mask_bl & a.is_output_bl, a.history_bl, v)
-    is_seen_bv = jnp.zeros((b, v), bool).at[rows_bl, seen_ids_bl].set(True, mode="drop")
-    count_bv = jnp.zeros((b, v), jnp.int32).at[rows_bl, output_ids_bl].add(1, mode="drop")
-    penalty_b1 = a.repetition_b[:, None]
-    logits_bv = jnp.where(is_seen_bv, jnp.where(logits_bv > 0, logits_bv / penalty_b1,
-                                                logits_bv * penalty_b1), logits_bv)
-    logits_bv = logits_bv - a.frequency_b[:, None] * count_bv.astype(jnp.float32)
-    return logits_bv - a.presence_b[:, None] * (count_bv > 0).astype(jnp.float32)
-
-
-def _top_k_top_p(scaled_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
-    """Keep each row's top_k tokens, then the smallest set of those reaching top_p
-    (Holtzman et al., 2020) in the distribution renormalised over them."""
-    v = scaled_bv.shape[-1]
-    sorted_bv = jnp.flip(jnp.sort(scaled_bv, axis=-1), axis=-1)
-    k_b = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, v), v)
-    in_top_k_bv = jnp.arange(v)[None] < k_b[:, None]
-    probs_bv = numerics.softmax(sorted_bv, axis=-1, where=in_top_k_bv)
-    # A token is kept when the mass of strictly more likely tokens is below
-    # top_p, so the most likely one always is. top_p 1 keeps all k, whatever
-    # rounding does to the cumulative sum.
-    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-    num_in_p_b = jnp.sum((mass_before_bv < top_p_b[:, None]) & in_top_k_bv, axis=-1)
-    num_kept_b = jnp.where(top_p_b < 1, num_in_p_b, k_b)
-    threshold_b1 = jnp.take_along_axis(sorted_bv, (num_kept_b - 1)[:, None], axis=-1)
-    return jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf)
-
-
-@functools.partial(jax.jit, static_argnames=("num_top_logprobs",))
-def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
-                  num_top_logprobs: int) -> SampleResult:
-    """One token per row of logits `[B, V]`, with the raw log-probs OpenAI reports.
-
-    Order (vLLM's): logit bias; banned ids to -inf; repetition, frequency and
-    presence penalties; greedy rows (temperature 0) take the argmax here;
-    temperature; top-k; top-p; min-p; a Gumbel-max draw keyed by
-    fold_in(fold_in(key(seed), choice), position). `num_top_logprobs` is
-    static: it fixes the shape of the top-logprob outputs.
-    """
-    a = arrays
-    b, v = logits_bv.shape
-    if not 0 <= num_top_logprobs <= v:
-        raise ValueError(f"num_top_logprobs must be in [0, {v}], got {num_top_logprobs}")
-    logits_bv = logits_bv.astype(jnp.float32)
-    raw_logprobs_bv = numerics.log_softmax(logits_bv, axis=-1)
-
-    processed_bv = logits_bv.at[jnp.arange(b)[:, None], a.bias_ids_bk].add(a.bias_values_bk)
-    banned_ids_bs = jnp.where(a.banned_mask_bs, a.banned_ids_bs, v)  # v: dropped
-    processed_bv = processed_bv.at[jnp.arange(b)[:, None], banned_ids_bs].set(-jnp.inf, mode="drop")
-    # Building [B, V] counts costs a pass over the logits; skip it when no row
-    # has history. Rows without penalties come out bitwise unchanged either way
-    # (x / 1, x * 1, x - 0), so the branch taken never changes a row's result.
-    processed_bv = jax.lax.cond(jnp.any(a.history_mask_bl), _apply_penalties,
-                                lambda x, _: x, processed_bv, a)
-    greedy_b = jnp.argmax(processed_bv, axis=-1)
-
-    is_sampled_b = a.temperature_b > 0
-    scaled_bv = processed_bv / jnp.where(is_sampled_b, a.temperature_b, 1.0)[:, None]
-    # Sorting the vocabulary is the sampler's costliest step: only when some
-    # sampled row truncates. Rows that do not come out unchanged either way.
-    is_truncated_b = is_sampled_b & (((a.top_k_b > 0) & (a.top_k_b < v)) | (a.top_p_b < 1))
-    scaled_bv = jax.lax.cond(jnp.any(is_truncated_b), _top_k_top_p, lambda x, *_: x,
-                             scaled_bv, a.top_k_b, a.top_p_b)
-    # min-p: drop p < min_p · p_max, i.e. x - x_max < log(min_p), with no
-    # softmax needed (log 0 = -inf drops nothing).
-    max_b1 = jnp.max(scaled_bv, axis=-1, keepdims=True)
-    scaled_bv = jnp.where(scaled_bv - max_b1 < jnp.log(a.min_p_b)[:, None], -jnp.inf, scaled_bv)
-
-    def gumbel_v(seed, choice, position):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), choice), position)
-        return jax.random.gumbel(key, (v,), jnp.float32)
-
-    gumbel_bv = jax.vmap(gumbel_v)(a.seed_b, a.choice_b, a.position_b)
-    sampled_b = jnp.argmax(scaled_bv + gumbel_bv, axis=-1)
-    token_ids_b = jnp.where(is_sampled_b, sampled_b, greedy_b).astype(jnp.int32)
-
-    logprob_b = jnp.take_along_axis(raw_logprobs_bv, token_ids_b[:, None], axis=-1)[:, 0]
-    if num_top_logprobs:
-        top_logprobs_bk, top_ids_bk = jax.lax.top_k(raw_logprobs_bv, num_top_logprobs)
-    else:
-        top_logprobs_bk, top_ids_bk = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
-    return SampleResult(token_ids_b=token_ids_b, logprob_b=logprob_b,
-                        top_ids_bk=top_ids_bk.astype(jnp.int32), top_logprobs_bk=top_logprobs_bk)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.sampling import (SamplingParams, SamplingRow, pack_sampling,
-                             sample_tokens)
+from engine.sampler import SamplingRow, pack_sampling, sample_tokens
+from engine.sampling import SamplingParams
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 # One batch size for every draw over PROBS, so those draws share compiled programs.
