@@ -134,6 +134,7 @@ class BatchRunner:
         buffer, layout = pack((token_ids, positions, tables, is_valid, arrays, next_ids))
         sample, prompt, self.kv = self._step(
             layout, self.state, self.kv, buffer,
+            # Static: a batch without logprobs skips the log-softmax.
             num_top_logprobs=MAX_LOGPROBS if wants_logprobs else 0,
             with_prompt_logprobs=wants_prompt_logprobs)
         return self._unpack(chunks, sample, prompt)
@@ -204,7 +205,8 @@ def _step(graphdef, layout: Layout, state, kv, buffer_n, *, num_top_logprobs: in
     hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt)
     last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)
     hidden_bd = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0]
-    sample = sample_tokens(model.logits(hidden_bd), sampling, num_top_logprobs=num_top_logprobs)
+    sample = sample_tokens(model.logits(hidden_bd), sampling, num_top_logprobs=num_top_logprobs,
+                           with_logprobs=num_top_logprobs > 0)
     prompt = None
     if with_prompt_logprobs:
         logprobs_btv = numerics.log_softmax(model.logits(hidden_btd))

@@ -188,23 +188,40 @@ def _top_k_top_p(scaled_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -
     return jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("num_top_logprobs",))
+def _draw(scaled_bv: jax.Array, a: SamplingArrays) -> jax.Array:
+    """min-p, then a Gumbel-max draw per row `[B]`."""
+    v = scaled_bv.shape[-1]
+    # min-p: drop p < min_p · p_max, i.e. x - x_max < log(min_p), with no
+    # softmax needed (log 0 = -inf drops nothing).
+    max_b1 = jnp.max(scaled_bv, axis=-1, keepdims=True)
+    scaled_bv = jnp.where(scaled_bv - max_b1 < jnp.log(a.min_p_b)[:, None], -jnp.inf, scaled_bv)
+
+    def gumbel_v(seed, choice, position):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), choice), position)
+        return jax.random.gumbel(key, (v,), jnp.float32)
+
+    gumbel_bv = jax.vmap(gumbel_v)(a.seed_b, a.choice_b, a.position_b)
+    return jnp.argmax(scaled_bv + gumbel_bv, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("num_top_logprobs", "with_logprobs"))
 def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
-                  num_top_logprobs: int) -> SampleResult:
+                  num_top_logprobs: int, with_logprobs: bool = True) -> SampleResult:
     """One token per row of logits `[B, V]`, with the raw log-probs OpenAI reports.
 
     Order (vLLM's): logit bias; banned ids to -inf; repetition, frequency and
     presence penalties; greedy rows (temperature 0) take the argmax here;
     temperature; top-k; top-p; min-p; a Gumbel-max draw keyed by
     fold_in(fold_in(key(seed), choice), position). `num_top_logprobs` is
-    static: it fixes the shape of the top-logprob outputs.
+    static: it fixes the shape of the top-logprob outputs. `with_logprobs`
+    False skips the log-softmax over the vocabulary (a pass the size of the
+    logits) when no row asked for logprobs; `logprob_b` is then zero.
     """
     a = arrays
     b, v = logits_bv.shape
     if not 0 <= num_top_logprobs <= v:
         raise ValueError(f"num_top_logprobs must be in [0, {v}], got {num_top_logprobs}")
     logits_bv = logits_bv.astype(jnp.float32)
-    raw_logprobs_bv = numerics.log_softmax(logits_bv, axis=-1)
 
     processed_bv = logits_bv.at[jnp.arange(b)[:, None], a.bias_ids_bk].add(a.bias_values_bk)
     banned_ids_bs = jnp.where(a.banned_mask_bs, a.banned_ids_bs, v)  # v: dropped
@@ -223,20 +240,16 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     is_truncated_b = is_sampled_b & (((a.top_k_b > 0) & (a.top_k_b < v)) | (a.top_p_b < 1))
     scaled_bv = jax.lax.cond(jnp.any(is_truncated_b), _top_k_top_p, lambda x, *_: x,
                              scaled_bv, a.top_k_b, a.top_p_b)
-    # min-p: drop p < min_p · p_max, i.e. x - x_max < log(min_p), with no
-    # softmax needed (log 0 = -inf drops nothing).
-    max_b1 = jnp.max(scaled_bv, axis=-1, keepdims=True)
-    scaled_bv = jnp.where(scaled_bv - max_b1 < jnp.log(a.min_p_b)[:, None], -jnp.inf, scaled_bv)
-
-    def gumbel_v(seed, choice, position):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), choice), position)
-        return jax.random.gumbel(key, (v,), jnp.float32)
-
-    gumbel_bv = jax.vmap(gumbel_v)(a.seed_b, a.choice_b, a.position_b)
-    sampled_b = jnp.argmax(scaled_bv + gumbel_bv, axis=-1)
+    # The Gumbel noise ([B, V] random draws) costs more than the rest of the
+    # sampler: only when some row samples. Greedy rows take greedy_b either way.
+    sampled_b = jax.lax.cond(jnp.any(is_sampled_b), _draw, lambda x, _: greedy_b, scaled_bv, a)
     token_ids_b = jnp.where(is_sampled_b, sampled_b, greedy_b).astype(jnp.int32)
 
-    logprob_b = jnp.take_along_axis(raw_logprobs_bv, token_ids_b[:, None], axis=-1)[:, 0]
+    if with_logprobs or num_top_logprobs:
+        raw_logprobs_bv = numerics.log_softmax(logits_bv, axis=-1)
+        logprob_b = jnp.take_along_axis(raw_logprobs_bv, token_ids_b[:, None], axis=-1)[:, 0]
+    else:
+        logprob_b = jnp.zeros((b,), jnp.float32)
     if num_top_logprobs:
         top_logprobs_bk, top_ids_bk = jax.lax.top_k(raw_logprobs_bv, num_top_logprobs)
     else:

@@ -60,12 +60,17 @@ def write_layer(cache_lkpsh: jax.Array, layer: jax.Array, new_btkh: jax.Array,
 
 
 def read_layer(cache_lkpsh: jax.Array, layer: jax.Array, block_tables_bp: jax.Array) -> jax.Array:
-    """Gather a layer's keys (or values) for each sequence's pages: `[B, P * page_size, K, H]`.
+    """Gather a layer's keys (or values) for each sequence's pages: `[B, K, P * page_size, H]`.
 
     Only the P pages in the (bucketed) block table are read, so attention
-    cost follows the live context rather than the maximum length.
+    cost follows the live context rather than the maximum length. Each
+    gathered slice is one head's page, contiguous in this layout, and the
+    result comes out with (B, K) leading, as the attention matmuls want it,
+    so XLA needs no transpose copy.
     """
-    layer_bp = jnp.broadcast_to(layer, block_tables_bp.shape)
-    pages_bpksh = cache_lkpsh[layer_bp, :, block_tables_bp]  # [B, P, K, page, H]
-    b, p, k, s, h = pages_bpksh.shape
-    return pages_bpksh.transpose(0, 1, 3, 2, 4).reshape(b, p * s, k, h)
+    num_kv_heads = cache_lkpsh.shape[1]
+    heads_k = jnp.arange(num_kv_heads)[None, :, None]  # [1, K, 1]
+    # Adjacent index arrays broadcast to [B, K, P]; the sliced dims follow.
+    pages_bkpsh = cache_lkpsh[layer, heads_k, block_tables_bp[:, None, :]]
+    b, k, p, s, h = pages_bkpsh.shape
+    return pages_bkpsh.reshape(b, k, p * s, h)

@@ -150,16 +150,19 @@ class LlamaForCausalLM(nnx.Module):
         # through the cache, exactly as later steps will see them.
         k_cache = write_layer(k_cache, layer, k_btkh, page_bt, slot_bt)
         v_cache = write_layer(v_cache, layer, v_btkh, page_bt, slot_bt)
-        keys_bskh = read_layer(k_cache, layer, block_tables_bp)
-        values_bskh = read_layer(v_cache, layer, block_tables_bp)
+        keys_bksh = read_layer(k_cache, layer, block_tables_bp)
+        values_bksh = read_layer(v_cache, layer, block_tables_bp)
 
-        # Grouped-query attention: G query heads share each KV head.
-        q_btkgh = q_btnh.reshape(b, t, cfg.num_kv_heads, cfg.num_queries_per_kv, cfg.head_dim)
-        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh.astype(jnp.float32),
-                                  keys_bskh.astype(jnp.float32)) * cfg.head_dim ** -0.5
+        # Grouped-query attention: G query heads share each KV head. (B, K)
+        # lead every operand so the matmuls batch over them without copies.
+        g = cfg.num_queries_per_kv
+        q_bkgth = q_btnh.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+        scores_bkgts = jnp.einsum("bkgth,bksh->bkgts", q_bkgth.astype(jnp.float32),
+                                  keys_bksh.astype(jnp.float32)) * cfg.head_dim ** -0.5
         probs_bkgts = numerics.softmax(scores_bkgts, axis=-1, where=is_visible_bts[:, None, None])
-        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, values_bskh.astype(jnp.float32))
-        out_btd = out_btkgh.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(h_btd.dtype)
+        out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs_bkgts, values_bksh.astype(jnp.float32))
+        out_btd = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        out_btd = out_btd.astype(h_btd.dtype)
         return out_btd @ w["o_proj"], k_cache, v_cache
 
     def logits(self, hidden_xd: jax.Array) -> jax.Array:
