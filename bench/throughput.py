@@ -7,7 +7,9 @@ HF transformers' `generate`, in the same process, on the same token ids.
 What is timed (shared/DESIGN.md, "Measuring"):
 
 - ours: `LLM.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=M,
-  ignore_eos=True))` — continuous batching, every request exactly M tokens.
+  min_tokens=M))` — continuous batching, every request exactly M tokens, EOS
+  banned until then as HF's `min_new_tokens` does (`--eos ignore` uses
+  `ignore_eos=True` instead: EOS may be drawn and generation goes on).
   A warm-up run of the same shape comes first, so the timed run compiles
   nothing; its prompts are the timed ones reversed (same lengths, so the same
   bucketed programs) so the timed run finds nothing in the prefix cache.
@@ -17,7 +19,10 @@ What is timed (shared/DESIGN.md, "Measuring"):
   `min_new_tokens = max_new_tokens = M` (so EOS cannot end a row early and
   both produce the same number of tokens). One tiny generate warms it up.
 
-Model loading is timed separately and never counted. Results go to
+Model loading is timed separately and never counted. `--repeats R` times each
+system R times and keeps the fastest (the machine is shared: the JSON keeps
+every repeat and the load average before and after). Greedy outputs of the
+two systems are compared as a sanity check (`greedy_agreement`). Results go to
 `bench/results/throughput-<UTC timestamp>.json` and
 `bench/results/throughput-latest.json`; a table is printed.
 """
@@ -67,6 +72,7 @@ class RunResult:
     load_s: float
     warmup_s: float | None = None
     compile_s: float | None = None  # warm-up wall time minus timed wall time
+    all_wall_s: list[float] = dataclasses.field(default_factory=list)  # every timed repeat; wall_s is the least
     settings: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -91,47 +97,65 @@ def cpu_threads() -> int:
 
 
 # -- ours -----------------------------------------------------------------------------
-def run_ours(loaded, prompt_ids: list[list[int]], max_tokens: int, *, max_num_seqs: int,
-             max_num_batched_tokens: int, max_model_len: int) -> tuple[RunResult, list[list[int]]]:
-    """`loaded`: a `checkpoints.loader.LoadedModel`; building the engine counts as loading."""
-    from engine.llm import LLM
-    from engine.llm_engine import EngineConfig
+def sampling_params(max_tokens: int, eos: str):
+    """Greedy, exactly `max_tokens` tokens per request.
+
+    eos="ban": EOS may not be drawn before `max_tokens` tokens (min_tokens), the
+    rule HF's `min_new_tokens` applies, so both systems pick the same tokens and
+    their greedy outputs can be compared. eos="ignore": EOS may be drawn and
+    generation goes on past it (vLLM's ignore_eos); HF has no equivalent.
+    """
     from engine.sampling import SamplingParams
 
-    started = time.perf_counter()
+    if eos == "ban":
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def run_ours(loaded, prompt_ids: list[list[int]], max_tokens: int, *, max_num_seqs: int,
+             max_num_batched_tokens: int, max_model_len: int, eos: str = "ban",
+             repeats: int = 1) -> tuple[RunResult, list[list[int]]]:
+    """`loaded`: a `checkpoints.loader.LoadedModel`. Building the engine counts as loading."""
+    from engine.llm import LLM
+    from engine.llm_engine import EngineConfig
+
     config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=max_model_len)
+    params = sampling_params(max_tokens, eos)
+    started = time.perf_counter()
     llm = LLM(loaded, config=config)
     load_s = time.perf_counter() - started
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
     # Same lengths, so the warm-up compiles exactly the programs the timed run
     # uses; reversed, so the timed prompts are not in the prefix cache.
-    warmup_ids = [list(reversed(ids)) for ids in prompt_ids]
     started = time.perf_counter()
-    llm.generate(warmup_ids, params)
+    llm.generate([list(reversed(ids)) for ids in prompt_ids], params)
     warmup_s = time.perf_counter() - started
 
-    started = time.perf_counter()
-    outputs = llm.generate(prompt_ids, params)
-    wall_s = time.perf_counter() - started
-
-    output_ids = [list(o.outputs[0].token_ids) for o in outputs]
-    if any(len(ids) != max_tokens for ids in output_ids):
-        raise RuntimeError("our engine produced a different number of tokens than asked")
+    walls, output_ids = [], None
+    for repeat in range(repeats):
+        if repeat:
+            # A fresh engine (empty prefix cache); compiled programs are shared.
+            llm = LLM(loaded, config=config)
+        started = time.perf_counter()
+        outputs = llm.generate(prompt_ids, params)
+        walls.append(time.perf_counter() - started)
+        output_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        if any(len(ids) != max_tokens for ids in output_ids):
+            raise RuntimeError("our engine produced a different number of tokens than asked")
     result = RunResult(
-        system="balansis", wall_s=wall_s, num_requests=len(prompt_ids),
+        system="balansis", wall_s=min(walls), num_requests=len(prompt_ids),
         num_output_tokens=sum(map(len, output_ids)), num_prompt_tokens=sum(map(len, prompt_ids)),
-        load_s=load_s, warmup_s=warmup_s, compile_s=max(0.0, warmup_s - wall_s),
+        load_s=load_s, warmup_s=warmup_s, compile_s=max(0.0, warmup_s - min(walls)), all_wall_s=walls,
         settings=dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                       max_model_len=max_model_len, block_size=config.block_size,
-                      num_kv_blocks=llm.engine.num_blocks))
+                      num_kv_blocks=llm.engine.num_blocks, eos=eos))
     return result, output_ids
 
 
 # -- HF transformers ----------------------------------------------------------------------
 def run_hf(model_path: Path, prompt_ids: list[list[int]], max_tokens: int, *, batch_size: int,
-           num_threads: int, pad_token_id: int) -> tuple[RunResult, list[list[int]]]:
+           num_threads: int, pad_token_id: int, repeats: int = 1) -> tuple[RunResult, list[list[int]]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import transformers
@@ -164,17 +188,19 @@ def run_hf(model_path: Path, prompt_ids: list[list[int]], max_tokens: int, *, ba
     generate(prompt_ids[:1], 2)
     warmup_s = time.perf_counter() - started
 
-    started = time.perf_counter()
-    output_ids = []
-    for i in range(0, len(prompt_ids), batch_size):
-        output_ids.extend(generate(prompt_ids[i:i + batch_size], max_tokens))
-    wall_s = time.perf_counter() - started
-    if any(len(ids) != max_tokens for ids in output_ids):
-        raise RuntimeError("HF generate produced a different number of tokens than asked")
+    walls = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        output_ids = []
+        for i in range(0, len(prompt_ids), batch_size):
+            output_ids.extend(generate(prompt_ids[i:i + batch_size], max_tokens))
+        walls.append(time.perf_counter() - started)
+        if any(len(ids) != max_tokens for ids in output_ids):
+            raise RuntimeError("HF generate produced a different number of tokens than asked")
     result = RunResult(
-        system="hf-transformers", wall_s=wall_s, num_requests=len(prompt_ids),
+        system="hf-transformers", wall_s=min(walls), num_requests=len(prompt_ids),
         num_output_tokens=sum(map(len, output_ids)), num_prompt_tokens=sum(map(len, prompt_ids)),
-        load_s=load_s, warmup_s=warmup_s,
+        load_s=load_s, warmup_s=warmup_s, all_wall_s=walls,
         settings=dict(batch_size=batch_size, num_threads=num_threads, dtype="float32"))
     return result, output_ids
 
@@ -256,6 +282,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="ours: token budget of a step")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="ours: KV length per sequence (default: longest prompt + max tokens)")
+    parser.add_argument("--eos", choices=("ban", "ignore"), default="ban",
+                        help="ours: ban EOS until max tokens (min_tokens, as HF's min_new_tokens; default) "
+                             "or ignore it (ignore_eos)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per system; the fastest counts")
     parser.add_argument("--skip-hf", action="store_true", help="run only our engine")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
 
@@ -265,8 +295,8 @@ def main(args: argparse.Namespace) -> int:
     from checkpoints.default_model import default_model_path
     from checkpoints.loader import load_model
 
-    if args.num_prompts < 1 or args.max_tokens < 1:
-        raise ValueError("--num-prompts and --max-tokens must be at least 1")
+    if min(args.num_prompts, args.max_tokens, args.repeats) < 1:
+        raise ValueError("--num-prompts, --max-tokens and --repeats must be at least 1")
     model_path = Path(args.model) if args.model else default_model_path()
     load_avg_before = os.getloadavg()
 
@@ -280,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
 
     ours, ours_ids = run_ours(loaded, prompt_ids, args.max_tokens, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              max_model_len=max_model_len)
+                              max_model_len=max_model_len, eos=args.eos, repeats=args.repeats)
     ours.load_s += load_s
     print(f"balansis: {ours.output_tokens_per_s:.1f} out tok/s (warm-up {ours.warmup_s:.1f} s)",
           file=sys.stderr, flush=True)
@@ -290,7 +320,7 @@ def main(args: argparse.Namespace) -> int:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         hf, hf_ids = run_hf(model_path, prompt_ids, args.max_tokens,
                             batch_size=args.batch_size or args.num_prompts,
-                            num_threads=cpu_threads(), pad_token_id=pad)
+                            num_threads=cpu_threads(), pad_token_id=pad, repeats=args.repeats)
         results.append(hf)
         ratio = ours.output_tokens_per_s / hf.output_tokens_per_s
         agreement = _agreement(ours_ids, hf_ids)
@@ -298,7 +328,7 @@ def main(args: argparse.Namespace) -> int:
     report = dict(
         benchmark="throughput", time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         model=str(model_path), num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-        prompt_tokens=dict(min=min(map(len, prompt_ids)), max=max(map(len, prompt_ids)),
+        eos=args.eos, repeats=args.repeats, prompt_tokens=dict(min=min(map(len, prompt_ids)), max=max(map(len, prompt_ids)),
                            mean=sum(map(len, prompt_ids)) / len(prompt_ids)),
         results=[r.to_json() for r in results], ours_over_hf=ratio, greedy_agreement=agreement,
         machine=machine_info(), load_avg_before=load_avg_before, load_avg_after=os.getloadavg())

@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     batch = commands.add_parser("run-batch", help="run an OpenAI Batch API input file offline")
     batch_jobs.add_arguments(batch)
     batch.set_defaults(handler=batch_jobs.run_batch_command)
+
+    from bench import throughput
+
+    bench = commands.add_parser("bench", help="benchmarks (results as JSON under bench/results/)")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
+    tp = benchmarks.add_parser("throughput", help="offline throughput against HF transformers")
+    throughput.add_arguments(tp)
+    tp.set_defaults(handler=throughput.main)
     return parser
 
 
