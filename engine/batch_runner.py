@@ -39,7 +39,7 @@ from model.kv_cache import KVCache
 from model.llama import LlamaForCausalLM
 
 MIN_PREFILL_TOKENS = 16  # short prompts share one program
-MIN_PAGES = 8  # block tables shorter than this are padded up to it
+MIN_PAGES = 1  # block tables are padded to a power of two of pages
 _WARMUP_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
 

@@ -153,16 +153,22 @@ class LlamaForCausalLM(nnx.Module):
         keys_bksh = read_layer(k_cache, layer, block_tables_bp)
         values_bksh = read_layer(v_cache, layer, block_tables_bp)
 
-        # Grouped-query attention: G query heads share each KV head. (B, K)
-        # lead every operand so the matmuls batch over them without copies.
-        g = cfg.num_queries_per_kv
-        q_bkgth = q_btnh.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim).transpose(0, 2, 3, 1, 4)
-        scores_bkgts = jnp.einsum("bkgth,bksh->bkgts", q_bkgth.astype(jnp.float32),
-                                  keys_bksh.astype(jnp.float32)) * cfg.head_dim ** -0.5
+        # Grouped-query attention: the G query heads of each KV head, all T
+        # tokens, form one [G*T, H] block, so (B, K) lead every operand and the
+        # matmuls batch over them without copying keys or values.
+        g, kv_heads = cfg.num_queries_per_kv, cfg.num_kv_heads
+        q_bkqh = q_btnh.reshape(b, t, kv_heads, g, cfg.head_dim).transpose(0, 2, 3, 1, 4) \
+            .reshape(b, kv_heads, g * t, cfg.head_dim)
+        # Keys as the left operand: [S, H] @ [H, G*T] has a long M; at decode
+        # (G*T small) XLA:CPU ran q @ keys^T several times slower.
+        scores_bksq = jnp.einsum("bksh,bkqh->bksq", keys_bksh.astype(jnp.float32),
+                                 q_bkqh.astype(jnp.float32)) * cfg.head_dim ** -0.5
+        scores_bkgts = jnp.swapaxes(scores_bksq, -1, -2).reshape(b, kv_heads, g, t, -1)
         probs_bkgts = numerics.softmax(scores_bkgts, axis=-1, where=is_visible_bts[:, None, None])
-        out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs_bkgts, values_bksh.astype(jnp.float32))
-        out_btd = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
-        out_btd = out_btd.astype(h_btd.dtype)
+        out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkgts.reshape(b, kv_heads, g * t, -1),
+                              values_bksh.astype(jnp.float32))
+        out_btd = out_bkqh.reshape(b, kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4) \
+            .reshape(b, t, cfg.num_heads * cfg.head_dim).astype(h_btd.dtype)
         return out_btd @ w["o_proj"], k_cache, v_cache
 
     def logits(self, hidden_xd: jax.Array) -> jax.Array:
