@@ -35,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -213,6 +214,19 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def source_revision() -> str | None:
+    """The checkout's commit, with "+dirty" when files differ from it: the engine changes fast."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def machine_info() -> dict:
     import jax
 
@@ -328,7 +342,8 @@ def main(args: argparse.Namespace) -> int:
     report = dict(
         benchmark="throughput", time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         model=str(model_path), num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-        eos=args.eos, repeats=args.repeats, prompt_tokens=dict(min=min(map(len, prompt_ids)), max=max(map(len, prompt_ids)),
+        eos=args.eos, repeats=args.repeats, source_revision=source_revision(),
+        prompt_tokens=dict(min=min(map(len, prompt_ids)), max=max(map(len, prompt_ids)),
                            mean=sum(map(len, prompt_ids)) / len(prompt_ids)),
         results=[r.to_json() for r in results], ours_over_hf=ratio, greedy_agreement=agreement,
         machine=machine_info(), load_avg_before=load_avg_before, load_avg_after=os.getloadavg())
