@@ -126,22 +126,6 @@ class BlockManager:
                 self._block_by_key[key] = block
                 self._key_by_block[block] = key
 
-    def fork(self, parent_id: Hashable, child_id: Hashable, num_tokens: int) -> int:
-        """Let `child_id` share the parent's full blocks among its first `num_tokens`.
-
-        Returns the number of tokens shared. The partial last block is not
-        shared: each child writes its own continuation there.
-        """
-        if self._tables.get(child_id):
-            raise ValueError(f"sequence {child_id!r} already holds blocks")
-        num_full = min(num_tokens // self.block_size, len(self._tables[parent_id]))
-        shared = self._tables[parent_id][:num_full]
-        for block in shared:
-            self._ref_counts[block] += 1
-        self._tables[child_id] = list(shared)
-        self._keys[child_id] = list(self._keys[parent_id][:num_full])
-        return num_full * self.block_size
-
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's references; unreferenced cached blocks become evictable."""
         table = self._tables.pop(seq_id, [])

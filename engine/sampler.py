@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.model_runner import bucket
 from engine.sampling import MAX_LOGPROBS, NUM_SEEDS, SamplingParams, checked_integer
 from model import numerics
 
@@ -82,13 +83,6 @@ class SampleResult(NamedTuple):
     top_logprobs_bk: jax.Array  # f32 [B, num_top_logprobs]
 
 
-def _pow2_at_least(n: int) -> int:
-    # Array widths are padded to powers of two so a few compiled programs
-    # cover every batch. (The runner's `bucket` does the same; not imported,
-    # so the runner can import this module.)
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _checked_ids(name: str, row: int, ids: Iterable[int], vocab_size: int) -> np.ndarray:
     ids_n = np.asarray(ids, np.int64).reshape(-1)
     if ids_n.size and (ids_n.min() < 0 or ids_n.max() >= vocab_size):
@@ -120,9 +114,9 @@ def pack_sampling(rows: Sequence[SamplingRow], *, vocab_size: int,
                        np.asarray([v for _, v in bias], np.float32)))
         bans.append(_checked_ids("banned_ids", i, row.banned_ids, vocab_size))
     lengths = [len(h[0]) + len(h[1]) for h in histories]
-    num_history = _pow2_at_least(max(lengths, default=1))
-    num_bias = _pow2_at_least(max((len(ids) for ids, _ in biases), default=1))
-    num_banned = _pow2_at_least(max((len(ids) for ids in bans), default=1))
+    num_history = bucket(max(lengths, default=1))
+    num_bias = bucket(max((len(ids) for ids, _ in biases), default=1))
+    num_banned = bucket(max((len(ids) for ids in bans), default=1))
 
     a = SamplingArrays(
         temperature_b=np.zeros(b, np.float32), top_p_b=np.ones(b, np.float32),
