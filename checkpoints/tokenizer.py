@@ -6,6 +6,7 @@ fast tokenizers. Nothing is fetched from a model hub: every load is
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -29,6 +30,10 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: Path) -> "Tokenizer":
+        if importlib.util.find_spec("torch") is None:
+            # transformers' GGUF reader imports torch; say so instead of its riddle.
+            raise CheckpointError(f"{path}: reading a GGUF tokenizer needs PyTorch (the CPU build is "
+                                  f"enough): pip install 'balansis[gguf]'")
         return cls(_load(str(path.parent), gguf_file=path.name), source=str(path))
 
     @property
