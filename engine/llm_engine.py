@@ -162,14 +162,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
-
     # -- one step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the requests it advanced (finished ones for the last time)."""
