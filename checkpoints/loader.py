@@ -49,11 +49,16 @@ def load_model(path: str | Path | None = None, *, dtype=jnp.float32) -> LoadedMo
 
 
 def model_name(loaded: LoadedModel) -> str:
-    """The name a model is served under by default: the default model's own
-    name, else the file or folder name."""
-    if loaded.path == default_model_path_or_none():
+    """The name a model is served under by default."""
+    return model_name_for(loaded.path)
+
+
+def model_name_for(path: str | Path | None) -> str:
+    """The default model's own name for it (or None), else the file or folder name."""
+    path = default_model_path_or_none() if path is None else Path(path)
+    if path is not None and path == default_model_path_or_none():
         return DEFAULT_MODEL_NAME
-    return loaded.path.name
+    return Path(path).name if path is not None else DEFAULT_MODEL_NAME
 
 
 def default_model_path_or_none() -> Path | None:

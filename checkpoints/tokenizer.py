@@ -54,19 +54,25 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: Sequence[Mapping[str, str]], *,
-                    add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's chat template makes of `messages`."""
+    def render_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
+        """The prompt text the model's chat template makes of `messages`.
+
+        continue_final_message leaves the last (assistant) message open, so
+        generation continues it instead of starting a new turn.
+        """
         if not self.chat_template:
             raise CheckpointError(f"{self.source}: the model has no chat template")
         return self._hf.apply_chat_template(
-            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+            list(messages), add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tokenize=False)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], *,
-                    add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> list[int]:
         # The template writes the special tokens itself; adding them again
         # would put a second BOS in front.
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                continue_final_message=continue_final_message)
         return self.encode(text, add_special_tokens=False)
 
 

@@ -22,7 +22,7 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from engine.llm_engine import LLMEngine, RequestOutput
+from engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from engine.sampling import SamplingParams
 
 
@@ -52,6 +52,9 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        # Replaced (never mutated) by the engine thread after each turn, so
+        # other threads read a consistent snapshot without a lock.
+        self.stats: EngineStats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="balansis-engine", daemon=True)
         self._thread.start()
 
@@ -111,6 +114,7 @@ class AsyncEngine:
                 except queue.Empty:
                     command = None
             if not self.engine.has_unfinished_requests():
+                self.stats = self.engine.stats()
                 continue
             try:
                 outputs = self.engine.step()
@@ -124,6 +128,7 @@ class AsyncEngine:
                 _deliver(target, output)
                 if output.finished:
                     del self._streams[output.request_id]
+            self.stats = self.engine.stats()
 
     def _handle(self, command) -> None:
         if isinstance(command, _Abort):

@@ -1,6 +1,6 @@
 """The `balansis` command line.
 
-Subcommands: `generate`, `run-batch`, `bench`; `serve`, `convert` and
+Subcommands: `serve`, `generate`, `run-batch`, `bench`; `convert` and
 `inspect` come with later work. Each subcommand's flags map one
 to one onto the parameters of the code it calls.
 """
@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     add_engine_arguments(gen)
     gen.set_defaults(handler=_generate)
+
+    from serving import server
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible API (and the seed API) over HTTP")
+    server.add_arguments(serve)
+    serve.set_defaults(handler=server.serve_command)
 
     from engine import batch_jobs
 

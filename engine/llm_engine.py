@@ -54,6 +54,20 @@ class EngineConfig:
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's load and counters, for metrics."""
+
+    num_running: int  # sequences holding KV blocks
+    num_waiting: int  # sequences queued for their prompt
+    kv_cache_usage: float  # fraction of KV blocks referenced by a sequence
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found there
+    num_prompt_tokens: int  # computed, over the engine's life
+    num_generation_tokens: int
+    num_preemptions: int
+
+
 @dataclasses.dataclass(slots=True)
 class CompletionOutput:
     index: int
@@ -74,6 +88,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     arrival_time: float
+    first_scheduled_time: float | None  # when its prompt first ran: the end of its queue time
     first_token_time: float | None
     num_cached_tokens: int
 
@@ -162,6 +177,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    def stats(self) -> EngineStats:
+        blocks = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=blocks.usage, prefix_cache_queries=blocks.prefix_cache_queries,
+            prefix_cache_hits=blocks.prefix_cache_hits, num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens, num_preemptions=self.scheduler.num_preemptions)
+
     # -- one step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the requests it advanced (finished ones for the last time)."""
@@ -246,7 +269,8 @@ class LLMEngine:
             request_id=request.request_id, prompt_ids=request.prompt_ids,
             prompt_logprobs=first.prompt_logprobs, outputs=outputs,
             finished=all(s.is_finished for s in request.seqs),
-            arrival_time=request.arrival_time, first_token_time=min(times) if times else None,
+            arrival_time=request.arrival_time, first_scheduled_time=first.first_scheduled_time,
+            first_token_time=min(times) if times else None,
             num_cached_tokens=request.num_cached_tokens)
 
 

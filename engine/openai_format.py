@@ -70,6 +70,8 @@ class ParsedRequest:
     echo: bool  # completions: the prompt goes in front of the text
     stream: bool
     include_usage: bool  # stream_options.include_usage
+    add_generation_prompt: bool = True  # chat: open an assistant turn after the messages
+    continue_final_message: bool = False  # chat: extend the last message instead
 
     @property
     def is_prompt_only(self) -> bool:
@@ -88,7 +90,8 @@ _SAMPLING_FIELDS = ("n", "temperature", "top_p", "seed", "presence_penalty", "fr
 _COMMON_FIELDS = frozenset(_SAMPLING_FIELDS + ("model", "max_tokens", "logit_bias", "logprobs", "stream",
                                                 "stream_options", "user", "metadata", "store",
                                                 "service_tier"))
-_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "parallel_tool_calls"}
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "parallel_tool_calls",
+                                 "add_generation_prompt", "continue_final_message"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo"}
 # Known fields we do not implement, with the values that ask for nothing.
 _CHAT_UNSUPPORTED: dict[str, tuple] = {
@@ -156,6 +159,14 @@ def parse_request(endpoint: Endpoint, body: Any) -> ParsedRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, Mapping):
         raise RequestError("stream_options must be an object", param="stream_options")
+    add_generation_prompt = body.get("add_generation_prompt")
+    add_generation_prompt = True if add_generation_prompt is None else _flag(body, "add_generation_prompt")
+    continue_final_message = _flag(body, "continue_final_message")
+    if continue_final_message and add_generation_prompt and body.get("add_generation_prompt") is not None:
+        raise RequestError("continue_final_message and add_generation_prompt cannot both be true",
+                           param="continue_final_message")
+    if continue_final_message:
+        add_generation_prompt = False
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", param="model")
@@ -163,14 +174,17 @@ def parse_request(endpoint: Endpoint, body: Any) -> ParsedRequest:
         endpoint=endpoint, model=model, messages=messages, prompts=prompts, sampling=sampling,
         max_tokens=max_tokens, max_tokens_param=max_tokens_param, num_logprobs=num_logprobs,
         echo=not is_chat and _flag(body, "echo"), stream=_flag(body, "stream"),
-        include_usage=_flag(stream_options, "include_usage", prefix="stream_options."))
+        include_usage=_flag(stream_options, "include_usage", prefix="stream_options."),
+        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
 
 
 def prompt_token_ids(request: ParsedRequest, tokenizer, *, vocab_size: int) -> list[list[int]]:
     """Token ids of each prompt: the chat template applied to the messages, or the prompts encoded."""
     if request.messages is not None:
         try:
-            prompts = [tokenizer.encode_chat(request.messages)]
+            prompts = [tokenizer.encode_chat(request.messages,
+                                             add_generation_prompt=request.add_generation_prompt,
+                                             continue_final_message=request.continue_final_message)]
         except Exception as e:  # a template may raise anything (jinja errors, a missing template)
             raise RequestError(f"cannot apply the chat template: {e}", param="messages") from None
     else:
@@ -244,7 +258,7 @@ def chat_completion(output: RequestOutput, *, request: ParsedRequest, response_i
         "index": c.index,
         "message": {"role": "assistant", "content": c.text, "refusal": None},
         "logprobs": None if request.num_logprobs is None else {
-            "content": [_chat_logprob(lp, token_text) for lp in c.logprobs or ()], "refusal": None},
+            "content": [chat_token_logprob(lp, token_text) for lp in c.logprobs or ()], "refusal": None},
         "finish_reason": c.finish_reason,
     } for c in output.outputs]
     return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
@@ -273,7 +287,7 @@ def text_completion(outputs: Sequence[RequestOutput], *, request: ParsedRequest,
                 entries += [(lp.token_id, lp) for lp in c.logprobs or ()]
             choices.append({
                 "text": text, "index": prompt_index * len(output.outputs) + c.index,
-                "logprobs": None if request.num_logprobs is None else _completion_logprobs(entries, token_text),
+                "logprobs": None if request.num_logprobs is None else completion_logprobs(entries, token_text),
                 "finish_reason": "length" if request.is_prompt_only else c.finish_reason,
             })
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
@@ -289,16 +303,18 @@ def usage(outputs: Sequence[RequestOutput], *, is_prompt_only: bool = False) -> 
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
 
 
-def _chat_logprob(lp: TokenLogprobs, token_text) -> dict[str, Any]:
+def chat_token_logprob(lp: TokenLogprobs, token_text) -> dict[str, Any]:
+    """One entry of a chat choice's logprobs.content."""
     def entry(token_id, logprob):
         text = token_text(token_id)
         return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
     return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
 
 
-def _completion_logprobs(entries, token_text) -> dict[str, list]:
+def completion_logprobs(entries: Sequence[tuple[int, TokenLogprobs | None]], token_text, *,
+                        offset: int = 0) -> dict[str, list]:
+    """The completions logprobs object of (token id, logprobs) entries; offsets start at `offset`."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    offset = 0
     for token_id, lp in entries:
         text = token_text(token_id)
         tokens.append(text)

@@ -1,0 +1,135 @@
+"""Running engine requests for HTTP handlers: timing, outcomes, disconnects.
+
+A completions body with several prompts is several engine requests; their
+outputs are merged into one stream of `(prompt_index, RequestOutput)`.
+Leaving a stream early (the client went away, or the handler failed)
+cancels every request behind it, and `AsyncEngine` frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator, Awaitable, Sequence, TypeVar
+
+from litestar import Request
+
+from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.llm_engine import RequestOutput
+from engine.sampling import SamplingParams
+from serving.errors import ApiError
+from serving.metrics import ServingMetrics
+
+T = TypeVar("T")
+
+
+async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, request_id: str, prompt_ids: list[int],
+                   params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    """One engine request's outputs, timed; its outcome is counted however it ends."""
+    tracker = metrics.tracker()
+    last: RequestOutput | None = None
+    outcome = "abort"  # unless it finishes or fails
+    try:
+        async for output in engine.generate(request_id, prompt_ids, params):
+            tracker.observe(output)
+            last = output
+            if output.finished:
+                outcome = output.outputs[0].finish_reason or "stop"
+            yield output
+    except EngineDeadError as e:
+        outcome = "error"
+        raise ApiError(str(e), status_code=503) from None
+    except ValueError as e:  # the engine refused the request
+        outcome = "error"
+        raise ApiError(str(e), status_code=400) from None
+    except RuntimeError as e:  # a failed engine step
+        outcome = "error"
+        raise ApiError(str(e), status_code=500, code="engine_error") from None
+    finally:
+        tracker.finish(last if outcome not in ("abort", "error") else None, outcome)
+
+
+async def stream_requests(engine: AsyncEngine, metrics: ServingMetrics, request_id: str,
+                          prompts: Sequence[list[int]], params: Sequence[SamplingParams]
+                          ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of one engine request per prompt, as they come, tagged with the prompt's index."""
+    streams = [_tracked(engine, metrics, f"{request_id}-{i}", ids, p)
+               for i, (ids, p) in enumerate(zip(prompts, params))]
+    if len(streams) == 1:
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            await streams[0].aclose()
+        return
+    merged: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                await merged.put((index, output))
+        except Exception as e:
+            await merged.put(e)
+        finally:
+            await merged.put(done)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await merged.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def final_outputs(engine: AsyncEngine, metrics: ServingMetrics, request_id: str,
+                        prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RequestOutput]:
+    """Each prompt's finished output, in prompt order."""
+    finals: list[RequestOutput | None] = [None] * len(prompts)
+    stream = stream_requests(engine, metrics, request_id, prompts, params)
+    try:
+        async for index, output in stream:
+            finals[index] = output
+    finally:
+        await stream.aclose()
+    return finals  # type: ignore[return-value]
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client leaves.
+
+    Litestar watches for disconnects only while streaming; a non-streaming
+    handler must listen itself. The body has been read, so the next ASGI
+    message is the disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

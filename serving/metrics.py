@@ -1,0 +1,126 @@
+"""Prometheus metrics, all named `balansis:…`, on a registry per app.
+
+Two sources:
+- latencies, observed by the server as outputs reach the event loop (what
+  a client waits for): time to first token, inter-token latency,
+  end-to-end latency, queue time (arrival to the prompt's first step,
+  stamped by the engine); and request outcomes by finish reason;
+- the engine's load and counters (running and waiting sequences, KV cache
+  usage, prefix cache queries and hits, prompt and generation tokens),
+  read at scrape time from the engine's latest `EngineStats` snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from engine.llm_engine import EngineStats, RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0, 640.0)
+_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                  2.5, 5.0)
+
+
+class ServingMetrics:
+    def __init__(self, *, model_name: str, stats: Callable[[], EngineStats | None]):
+        self.registry = CollectorRegistry()
+        labels = ("model_name",)
+        self._model = model_name
+        self.time_to_first_token = Histogram(
+            "balansis:time_to_first_token_seconds", "Arrival to the first generated token.", labels,
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token_latency = Histogram(
+            "balansis:inter_token_latency_seconds", "Time between a request's successive tokens.", labels,
+            buckets=_TOKEN_BUCKETS, registry=self.registry)
+        self.e2e_latency = Histogram(
+            "balansis:e2e_request_latency_seconds", "Arrival to the last token.", labels,
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram(
+            "balansis:request_queue_time_seconds", "Arrival to the prompt's first engine step.", labels,
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "balansis:request_success", "Finished requests by finish reason (abort: the client left; "
+            "error: the engine failed it).", labels + ("finished_reason",), registry=self.registry)
+        self.registry.register(_EngineCollector(model_name, stats))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def tracker(self) -> "RequestTracker":
+        return RequestTracker(self)
+
+    def count_outcome(self, reason: str) -> None:
+        self.requests.labels(self._model, reason).inc()
+
+
+class RequestTracker:
+    """Times one request (all its choices) from the outputs the server receives."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self._metrics = metrics
+        self._num_tokens = 0
+        self._last_token_at: float | None = None
+
+    def observe(self, output: RequestOutput) -> None:
+        now = time.time()
+        num_tokens = sum(len(c.token_ids) for c in output.outputs)
+        new = num_tokens - self._num_tokens
+        if new <= 0:
+            return
+        model = self._metrics._model
+        if self._last_token_at is None:
+            self._metrics.time_to_first_token.labels(model).observe(now - output.arrival_time)
+        else:
+            gap = (now - self._last_token_at) / new  # tokens that arrived together share the gap
+            for _ in range(new):
+                self._metrics.inter_token_latency.labels(model).observe(gap)
+        self._num_tokens, self._last_token_at = num_tokens, now
+
+    def finish(self, output: RequestOutput | None, reason: str) -> None:
+        """Record the outcome: a finish reason, "abort" or "error"."""
+        model = self._metrics._model
+        if output is not None:
+            self._metrics.e2e_latency.labels(model).observe(time.time() - output.arrival_time)
+            if output.first_scheduled_time is not None:
+                self._metrics.queue_time.labels(model).observe(output.first_scheduled_time - output.arrival_time)
+        self._metrics.count_outcome(reason)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]):
+        self._model = model_name
+        self._stats = stats
+
+    def collect(self):
+        stats = self._stats()
+        if stats is None:  # still loading: nothing to report yet
+            return
+        def gauge(name, doc, value):
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self._model], value)
+            return family
+
+        def counter(name, doc, value):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self._model], value)
+            return family
+
+        yield gauge("balansis:num_requests_running", "Sequences holding KV cache blocks.", stats.num_running)
+        yield gauge("balansis:num_requests_waiting", "Sequences waiting for their prompt to run.",
+                    stats.num_waiting)
+        yield gauge("balansis:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
+                    stats.kv_cache_usage)
+        yield counter("balansis:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      stats.prefix_cache_queries)
+        yield counter("balansis:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                      stats.prefix_cache_hits)
+        yield counter("balansis:prompt_tokens", "Prompt tokens computed.", stats.num_prompt_tokens)
+        yield counter("balansis:generation_tokens", "Tokens generated.", stats.num_generation_tokens)
+        yield counter("balansis:num_preemptions", "Sequences preempted for KV cache space.",
+                      stats.num_preemptions)

@@ -1,0 +1,118 @@
+"""OpenAI's endpoints: /v1/models, /v1/chat/completions, /v1/completions.
+
+A body goes: msgspec decodes it into a Struct (types, unknown fields) →
+`engine.openai_format` checks it as OpenAI would and turns it into prompt
+token ids and SamplingParams → admission (429 when the queue is full) →
+the engine → a response Struct, or server-sent events when `stream` is set.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import msgspec
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar import Request, get, post
+from litestar.response import ServerSentEvent
+
+from engine.openai_format import (Endpoint, ParsedRequest, TokenTexts, chat_completion, parse_request,
+                                  prompt_token_ids, sampling_params, text_completion)
+from serving.errors import RequestError, error_body
+from serving.generation import final_outputs, stream_requests, unless_disconnected
+from serving.openai_stream import ChunkWriter
+from serving.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
+                             CompletionRequest, ModelCard, ModelList)
+from serving.state import ServerState
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+
+
+@get("/v1/models", summary="The models this server serves")
+async def list_models(server: NamedDependency[ServerState]) -> ModelList:
+    engine = server.engine_core
+    return ModelList(object="list", data=[ModelCard(
+        id=server.config.model_name, object="model", created=int(engine.loaded.path.stat().st_mtime)
+        if engine.loaded.path.exists() else 0, owned_by="balansis", max_model_len=engine.max_model_len)])
+
+
+@post("/v1/chat/completions", summary="Chat completion (OpenAI); SSE when stream is true",
+      responses=None)
+async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest],
+                           server: NamedDependency[ServerState]) -> ChatCompletion | ServerSentEvent:
+    return await _complete(request, server, Endpoint.CHAT, data)
+
+
+@post("/v1/completions", summary="Text completion (OpenAI); SSE when stream is true")
+async def completions(request: Request, data: JSONBody[CompletionRequest],
+                      server: NamedDependency[ServerState]) -> Completion | ServerSentEvent:
+    return await _complete(request, server, Endpoint.COMPLETIONS, data)
+
+
+async def _complete(http_request: Request, server: ServerState, endpoint: Endpoint,
+                    data: msgspec.Struct) -> Any:
+    engine = server.ready_engine()
+    core = engine.engine
+    request = parse_request(endpoint, msgspec.to_builtins(data))
+    server.check_model(request.model)
+    vocab_size = core.loaded.config.vocab_size
+    prompts = prompt_token_ids(request, core.tokenizer, vocab_size=vocab_size)
+    params = [sampling_params(request, num_prompt_tokens=len(ids), max_model_len=core.max_model_len,
+                              vocab_size=vocab_size) for ids in prompts]
+    prefix = "chatcmpl" if endpoint is Endpoint.CHAT else "cmpl"
+    response_id = f"{prefix}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    token_text = TokenTexts(core.tokenizer)
+    # Echo returns the prompt as sent; token id prompts as their text.
+    prompt_texts = [p if isinstance(p, str) else core.tokenizer.decode(p, skip_special_tokens=False)
+                    for p in request.prompts] if request.echo else [""] * len(prompts)
+    num_seqs = sum(p.n for p in params)
+    if request.stream:
+        server.check_capacity(num_seqs)  # the stream admits itself once it starts
+        writer = ChunkWriter(request, response_id=response_id, created=created, model=server.config.model_name,
+                             token_text=token_text, prompt_texts=prompt_texts)
+        events = _events(server, request, writer, response_id, prompts, params, num_seqs)
+        return ServerSentEvent(events, headers=_SSE_HEADERS)
+    with server.admitted(num_seqs):
+        finals = await unless_disconnected(
+            http_request, final_outputs(engine, server.metrics, response_id, prompts, params))
+    if endpoint is Endpoint.CHAT:
+        body = chat_completion(finals[0], request=request, response_id=response_id, created=created,
+                               model=server.config.model_name, token_text=token_text)
+        return msgspec.convert(body, ChatCompletion)
+    body = text_completion(finals, request=request, prompt_texts=prompt_texts, response_id=response_id,
+                           created=created, model=server.config.model_name, token_text=token_text)
+    return msgspec.convert(body, Completion)
+
+
+async def _events(server: ServerState, request: ParsedRequest, writer: ChunkWriter, response_id: str,
+                  prompts, params, num_seqs: int) -> AsyncIterator[str]:
+    """The SSE data lines of a streamed request, ending in [DONE].
+
+    An error after the stream started cannot change the status code any
+    more; it goes out as an error event (OpenAI's error body), then [DONE].
+    """
+    chunk_type = ChatCompletionChunk if request.endpoint is Endpoint.CHAT else Completion
+    finals = [None] * len(prompts)
+    try:
+        with server.admitted(num_seqs):
+            stream = stream_requests(server.ready_engine(), server.metrics, response_id, prompts, params)
+            try:
+                async for index, output in stream:
+                    finals[index] = output
+                    for chunk in writer.chunks(index, output):
+                        yield _encode(chunk, chunk_type)
+            finally:
+                await stream.aclose()
+        if request.include_usage:
+            yield _encode(writer.usage_chunk(finals), chunk_type)
+    except RequestError as e:
+        yield msgspec.json.encode(error_body(e.message, status_code=e.status_code, code=e.code,
+                                             param=e.param)).decode()
+    yield "[DONE]"
+
+
+def _encode(chunk: dict, chunk_type: type) -> str:
+    return msgspec.json.encode(msgspec.convert(chunk, chunk_type)).decode()

@@ -1,0 +1,70 @@
+"""Operations: /health, /ready, /metrics, /version, /tokenize, /detokenize."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import jax
+import msgspec
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar import MediaType, Response, get, post
+
+from engine.openai_format import Endpoint, RequestError, parse_request, prompt_token_ids
+from serving.schemas import (DetokenizeRequest, DetokenizeResponse, StatusResponse, TokenizeRequest,
+                             TokenizeResponse, VersionResponse)
+from serving.state import ServerState
+
+
+@get("/health", summary="Liveness: 200 while the process serves (503 once the engine has died)")
+async def health(server: NamedDependency[ServerState]) -> Response[StatusResponse]:
+    if server.load_error is not None or (server.engine is not None and not server.engine.is_running):
+        return Response(StatusResponse("unhealthy"), status_code=503)
+    return Response(StatusResponse("ok"))
+
+
+@get("/ready", summary="Readiness: 200 once the model is loaded and warmed, 503 before and while draining")
+async def ready(server: NamedDependency[ServerState]) -> Response[StatusResponse]:
+    if server.is_ready:
+        return Response(StatusResponse("ready"))
+    status = "draining" if server.is_draining else "failed" if server.load_error else "loading"
+    return Response(StatusResponse(status), status_code=503)
+
+
+@get("/metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
+async def metrics(server: NamedDependency[ServerState]) -> Response[bytes]:
+    return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@get("/version", summary="Versions of the server and of JAX, and the JAX backend")
+async def version() -> VersionResponse:
+    return VersionResponse(version=metadata.version("balansis"), jax=jax.__version__,
+                           backend=jax.default_backend())
+
+
+@post("/tokenize", summary="Token ids of a prompt, or of chat messages through the chat template",
+      status_code=200)
+async def tokenize(data: JSONBody[TokenizeRequest], server: NamedDependency[ServerState]) -> TokenizeResponse:
+    core = server.engine_core
+    server.check_model(data.model)
+    if (data.prompt is None) == (data.messages is None):
+        raise RequestError("give exactly one of prompt and messages", param="prompt")
+    if data.messages is not None:
+        body = {k: v for k, v in msgspec.to_builtins(data).items()
+                if k in ("messages", "add_generation_prompt", "continue_final_message")}
+        request = parse_request(Endpoint.CHAT, body)
+        ids = prompt_token_ids(request, core.tokenizer, vocab_size=core.loaded.config.vocab_size)[0]
+    else:
+        add_special = True if data.add_special_tokens is None else data.add_special_tokens
+        ids = core.tokenizer.encode(data.prompt, add_special_tokens=add_special)
+    return TokenizeResponse(count=len(ids), max_model_len=core.max_model_len, tokens=ids)
+
+
+@post("/detokenize", summary="The text of token ids", status_code=200)
+async def detokenize(data: JSONBody[DetokenizeRequest], server: NamedDependency[ServerState]) -> DetokenizeResponse:
+    core = server.engine_core
+    server.check_model(data.model)
+    vocab_size = core.loaded.config.vocab_size
+    if any(not 0 <= t < vocab_size for t in data.tokens):
+        raise RequestError(f"token ids must be in [0, {vocab_size})", param="tokens")
+    return DetokenizeResponse(prompt=core.tokenizer.decode(data.tokens, skip_special_tokens=False))

@@ -1,0 +1,328 @@
+"""msgspec Structs for every request and response body of the server.
+
+Request bodies forbid unknown fields (OpenAI answers an unknown argument
+with a 400, and so do we) and declare the OpenAI fields we do not implement
+(`tools`, `response_format`, …) so that `engine.openai_format` can refuse
+them by name instead of dropping them. Values are typed here; the rules
+that cross fields (max_tokens against the context, logprobs ranges, …)
+live in `engine.openai_format`, shared with `balansis run-batch`.
+
+Response Structs mirror OpenAI's objects field for field; `null` fields are
+written, as OpenAI writes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class _Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A request body. omit_defaults: `to_builtins` keeps only the fields a client sent."""
+
+
+# -- requests: OpenAI -----------------------------------------------------------------
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+    image_url: Any = None  # refused: text only
+    input_audio: Any = None
+    file: Any = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    # Refused when set (engine.openai_format): no tool calling yet.
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    refusal: Any = None
+    audio: Any = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class _SamplingFields(_Body):
+    """Fields of both endpoints; the ones after `user` are vLLM's extras."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    parallel_tool_calls: bool | None = None
+    # Refused unless they ask for nothing (engine.openai_format).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    web_search_options: Any = None
+    verbosity: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    # A string, a list of strings, a list of token ids or a list of them; msgspec
+    # takes one list type in a union, so engine.openai_format checks the items.
+    prompt: str | list[Any] | None = None
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None  # refused unless empty
+    best_of: int | None = None  # refused unless equal to n
+
+
+class TokenizeRequest(_Body):
+    """`prompt` for text, or `messages` for a chat rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+    model: str | None = None
+
+
+# -- requests: the seed API -----------------------------------------------------------
+
+
+class SeedGenerateRequest(_Body):
+    prompt: str
+    max_length: int = 100  # tokens to generate
+    temperature: float = 0.7
+    top_p: float = 0.9
+    act_precision: str = "standard"
+
+
+class SeedChatRequest(_Body):
+    messages: list[ChatMessage]
+    model: str | None = None
+    stream: bool = False
+    max_length: int | None = None
+    temperature: float = 0.7
+    top_p: float = 0.9
+    act_precision: str = "standard"
+
+
+# -- responses: OpenAI ----------------------------------------------------------------
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(msgspec.Struct):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(msgspec.Struct, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(msgspec.Struct):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    # Present (null until the last chunk) only with stream_options.include_usage.
+    usage: Usage | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class CompletionLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class Completion(msgspec.Struct, omit_defaults=True):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    # Absent from stream chunks unless stream_options.include_usage asks for it.
+    usage: Usage | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+# -- responses: operations and the seed API -------------------------------------------
+
+
+class TokenizeResponse(msgspec.Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(msgspec.Struct):
+    prompt: str
+
+
+class VersionResponse(msgspec.Struct):
+    version: str
+    jax: str
+    backend: str
+
+
+class StatusResponse(msgspec.Struct):
+    status: str
+
+
+class SeedGenerateResponse(msgspec.Struct):
+    generated_text: str
+    tokens_generated: int
+    inference_time: float  # seconds, arrival to last token
+    act_stability_score: float | None  # null until the numerics work lands
+
+
+class SeedChatResponse(msgspec.Struct):
+    model: str
+    message: AssistantMessage
+    tokens_generated: int
+    inference_time: float
+    act_stability_score: float | None
+    finish_reason: str | None
+
+
+class SeedChatDelta(msgspec.Struct):
+    """One event of a streamed seed chat; the last event is a SeedChatResponse."""
+
+    delta: str
+
+
+class SeedModel(msgspec.Struct):
+    name: str
+    type: Literal["chat"]
+    max_model_len: int
+    precision_levels: list[str]
+
+
+class SeedModelList(msgspec.Struct):
+    models: list[SeedModel]

@@ -1,0 +1,133 @@
+"""The seed API (the original BalansisLLM design), kept as thin adapters over the engine.
+
+- POST /api/v1/generate: {prompt, max_length, temperature, top_p,
+  act_precision} → {generated_text, tokens_generated, inference_time,
+  act_stability_score}. The prompt is raw text (no chat template);
+  max_length counts generated tokens.
+- POST /api/v1/chat: {messages, model, stream, …} → the assistant's
+  message; with stream, SSE events `{"delta": …}` then one final event with
+  the whole response.
+- GET /models: the served model and its precision levels.
+
+Only the `standard` precision level exists until the numerics work lands:
+other levels get a 400 and `act_stability_score` is null.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator
+
+import msgspec
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar import Request, get, post
+from litestar.response import ServerSentEvent
+
+from engine.llm_engine import RequestOutput
+from engine.openai_format import Endpoint, parse_request, prompt_token_ids
+from engine.sampling import SamplingParams
+from serving.errors import ApiError, RequestError, error_body
+from serving.generation import final_outputs, stream_requests, unless_disconnected
+from serving.schemas import (AssistantMessage, SeedChatDelta, SeedChatRequest, SeedChatResponse,
+                             SeedGenerateRequest, SeedGenerateResponse, SeedModel, SeedModelList)
+from serving.state import PRECISION_LEVELS, ServerState
+
+_DEFAULT_CHAT_MAX_LENGTH = 512
+
+
+@get("/models", summary="Seed API: the served model")
+async def seed_models(server: NamedDependency[ServerState]) -> SeedModelList:
+    core = server.engine_core
+    return SeedModelList(models=[SeedModel(name=server.config.model_name, type="chat",
+                                           max_model_len=core.max_model_len,
+                                           precision_levels=list(PRECISION_LEVELS))])
+
+
+@post("/api/v1/generate", summary="Seed API: continue a raw-text prompt", status_code=200)
+async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest], server: NamedDependency[ServerState]) -> SeedGenerateResponse:
+    core = server.engine_core
+    prompt_ids = core.tokenizer.encode(data.prompt)
+    if not prompt_ids:
+        raise RequestError("the prompt is empty", param="prompt")
+    params = _params(server, data, len(prompt_ids), data.max_length)
+    output = await _generate(request, server, prompt_ids, params)
+    choice = output.outputs[0]
+    return SeedGenerateResponse(generated_text=choice.text, tokens_generated=len(choice.token_ids),
+                                inference_time=round(time.time() - output.arrival_time, 6),
+                                act_stability_score=None)
+
+
+@post("/api/v1/chat", summary="Seed API: chat; SSE when stream is true", status_code=200)
+async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
+                    server: NamedDependency[ServerState]) -> SeedChatResponse | ServerSentEvent:
+    core = server.engine_core
+    server.check_model(data.model)
+    parsed = parse_request(Endpoint.CHAT, {"messages": msgspec.to_builtins(data.messages)})
+    prompt_ids = prompt_token_ids(parsed, core.tokenizer, vocab_size=core.loaded.config.vocab_size)[0]
+    max_length = data.max_length
+    if max_length is None:
+        max_length = max(1, min(_DEFAULT_CHAT_MAX_LENGTH, core.max_model_len - len(prompt_ids)))
+    params = _params(server, data, len(prompt_ids), max_length)
+    if data.stream:
+        server.check_capacity(1)
+        return ServerSentEvent(_chat_events(server, prompt_ids, params), headers={"Cache-Control": "no-cache"})
+    return _chat_response(server, await _generate(request, server, prompt_ids, params))
+
+
+def _params(server: ServerState, data: SeedGenerateRequest | SeedChatRequest, num_prompt_tokens: int,
+            max_length: int) -> SamplingParams:
+    if data.act_precision not in PRECISION_LEVELS:
+        raise RequestError(f"act_precision {data.act_precision!r} is not available; levels: "
+                           f"{', '.join(PRECISION_LEVELS)}", param="act_precision")
+    max_model_len = server.engine_core.max_model_len
+    if num_prompt_tokens + max_length > max_model_len:
+        raise RequestError(f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                           f"{num_prompt_tokens} and max_length asks for {max_length} more",
+                           param="max_length", code="context_length_exceeded")
+    try:
+        return SamplingParams(max_tokens=max_length, temperature=data.temperature, top_p=data.top_p)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise RequestError(str(e), param="max_length" if field == "max_tokens" else field) from None
+
+
+async def _generate(request: Request, server: ServerState, prompt_ids: list[int],
+                    params: SamplingParams) -> RequestOutput:
+    engine = server.ready_engine()
+    with server.admitted(1):
+        finals = await unless_disconnected(request, final_outputs(
+            engine, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params]))
+    return finals[0]
+
+
+def _chat_response(server: ServerState, output: RequestOutput) -> SeedChatResponse:
+    choice = output.outputs[0]
+    return SeedChatResponse(model=server.config.model_name,
+                            message=AssistantMessage(role="assistant", content=choice.text),
+                            tokens_generated=len(choice.token_ids),
+                            inference_time=round(time.time() - output.arrival_time, 6),
+                            act_stability_score=None, finish_reason=choice.finish_reason)
+
+
+async def _chat_events(server: ServerState, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
+    sent = 0
+    try:
+        with server.admitted(1):
+            stream = stream_requests(server.ready_engine(), server.metrics, f"seed-{uuid.uuid4().hex}",
+                                     [prompt_ids], [params])
+            try:
+                async for _, output in stream:
+                    text = output.outputs[0].text
+                    if len(text) > sent:
+                        yield msgspec.json.encode(SeedChatDelta(delta=text[sent:])).decode()
+                        sent = len(text)
+                    if output.finished:
+                        yield msgspec.json.encode(_chat_response(server, output)).decode()
+            finally:
+                await stream.aclose()
+    except (RequestError, ApiError) as e:
+        yield msgspec.json.encode(error_body(e.message, status_code=e.status_code, code=e.code,
+                                             param=e.param)).decode()
+    yield "[DONE]"

@@ -1,0 +1,79 @@
+"""A live server on a free port, for tests through the official `openai` SDK.
+
+The app runs under uvicorn in a thread of the test process, on the tiny
+random model with SmolLM2's tokenizer (real text, fast steps). Tests that
+need a process of their own (SIGTERM) start `balansis serve` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from engine.llm_engine import EngineConfig, LLMEngine
+from serving.app import create_app
+from serving.state import ServeConfig, ServerState
+
+MODEL = "tiny"
+# Small but real limits: 8 sequences at once, a 4 MiB KV cache (128 blocks of 16 tokens).
+ENGINE_CONFIG = EngineConfig(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128,
+                             kv_cache_memory=4 * 2**20)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `create_app(state)` in a thread; `url` is the base URL."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(state), host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 300) -> "LiveServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        path = "/ready" if wait_ready else "/health"
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + path, timeout=5).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise TimeoutError(f"the server did not answer {path} within {timeout} s")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+
+def start_server(loaded, *, engine_config: EngineConfig = ENGINE_CONFIG, wait_ready: bool = True,
+                 **serve_config) -> LiveServer:
+    state = ServerState(ServeConfig(model_name=MODEL, **serve_config),
+                        lambda: LLMEngine(loaded, engine_config))
+    return LiveServer(state).start(wait_ready=wait_ready)
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_loaded):
+    """One shared server: no API keys, the default queue."""
+    server = start_server(tiny_loaded)
+    yield server
+    server.stop()
