@@ -27,5 +27,6 @@ install-test: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
+# The OpenAI-compatible server on the default model, at http://127.0.0.1:8000.
 run: install
-	$(BIN)/balansis generate --chat "Tell me about the Eiffel Tower in two sentences."
+	$(BIN)/balansis serve $(SERVE_ARGS)
