@@ -164,20 +164,76 @@ def _apply_penalties(logits_bv: jax.Array, a: SamplingArrays) -> jax.Array:
     return logits_bv - a.presence_b[:, None] * (count_bv > 0).astype(jnp.float32)
 
 
-def _top_k_top_p(scaled_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
-    """Keep each row's top_k tokens, then the smallest set of those reaching top_p
-    (Holtzman et al., 2020) in the distribution renormalised over them."""
+# Top-k and top-p need the most likely tokens in order. Sorting the whole
+# vocabulary costs ~600 ms per step for 64 rows × 49k on 2 CPU cores;
+# lax.top_k of the first 512 costs ~20 ms, of the first 4096 ~70 ms. A row
+# whose top-k is within the candidates, or whose nucleus closes within them,
+# is decided exactly from them; rows the first tier cannot decide try the
+# next, and only what no tier decides (a top-k beyond them, a very flat
+# distribution) takes the full sort. Which tier decides a row depends on the
+# row alone, so a row's result never depends on its batch.
+TRUNCATION_TIERS = (512, 4096)
+
+
+def _top_k_top_p(scaled_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array,
+                 is_truncated_b: jax.Array) -> jax.Array:
+    """Keep each truncated row's top_k tokens, then the smallest set of those
+    reaching top_p (Holtzman et al., 2020) in the distribution renormalised
+    over them; other rows come back unchanged."""
     v = scaled_bv.shape[-1]
-    sorted_bv = jnp.flip(jnp.sort(scaled_bv, axis=-1), axis=-1)
     k_b = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, v), v)
-    in_top_k_bv = jnp.arange(v)[None] < k_b[:, None]
-    probs_bv = numerics.softmax(sorted_bv, axis=-1, where=in_top_k_bv)
+    out_bv, undecided_b = scaled_bv, is_truncated_b
+    for num_candidates in TRUNCATION_TIERS:
+        if num_candidates >= v:
+            break
+        tier_bv, fits_b = jax.lax.cond(
+            jnp.any(undecided_b), functools.partial(_from_candidates, num_candidates=num_candidates),
+            lambda x, *_: (x, jnp.zeros(x.shape[:1], bool)), scaled_bv, k_b, top_p_b)
+        out_bv = jnp.where((undecided_b & fits_b)[:, None], tier_bv, out_bv)
+        undecided_b = undecided_b & ~fits_b
+    sorted_bv = jax.lax.cond(jnp.any(undecided_b), _sorted_top_k_top_p, lambda x, *_: x,
+                             scaled_bv, k_b, top_p_b)
+    return jnp.where(undecided_b[:, None], sorted_bv, out_bv)
+
+
+def _from_candidates(scaled_bv: jax.Array, k_b: jax.Array, top_p_b: jax.Array, *,
+                     num_candidates: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k and top-p from the `num_candidates` most likely tokens, and which rows they decide."""
+    v, c = scaled_bv.shape[-1], num_candidates
+    candidates_bc, _ = jax.lax.top_k(scaled_bv, c)  # most likely first
+    in_top_k_bc = jnp.arange(c)[None] < k_b[:, None]
+    # Top-p reads the distribution renormalised over the top-k: all among the
+    # candidates when k <= c; with no top-k it is the whole vocabulary.
+    log_norm_b1 = jnp.where((k_b <= c)[:, None],
+                            numerics.logsumexp(candidates_bc, keepdims=True, where=in_top_k_bc),
+                            numerics.logsumexp(scaled_bv, keepdims=True))
+    probs_bc = jnp.where(in_top_k_bc, jnp.exp(candidates_bc - log_norm_b1), 0.0)
+    num_kept_b, is_closed_b = _num_kept(probs_bc, in_top_k_bc, k_b, top_p_b)
+    fits_b = (k_b <= c) | ((k_b >= v) & is_closed_b)
+    threshold_b1 = jnp.take_along_axis(candidates_bc, (jnp.minimum(num_kept_b, c) - 1)[:, None], axis=-1)
+    return jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf), fits_b
+
+
+def _num_kept(probs_bn: jax.Array, in_top_k_bn: jax.Array, k_b: jax.Array,
+              top_p_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """How many of the N most likely tokens (probabilities `[B, N]`, most likely
+    first) top-k and top-p keep, and whether the nucleus closed within them."""
     # A token is kept when the mass of strictly more likely tokens is below
     # top_p, so the most likely one always is. top_p 1 keeps all k, whatever
     # rounding does to the cumulative sum.
-    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-    num_in_p_b = jnp.sum((mass_before_bv < top_p_b[:, None]) & in_top_k_bv, axis=-1)
-    num_kept_b = jnp.where(top_p_b < 1, num_in_p_b, k_b)
+    mass_before_bn = jnp.cumsum(probs_bn, axis=-1) - probs_bn
+    num_in_p_b = jnp.sum((mass_before_bn < top_p_b[:, None]) & in_top_k_bn, axis=-1)
+    is_closed_b = (top_p_b < 1) & (num_in_p_b < probs_bn.shape[-1])
+    return jnp.where(top_p_b < 1, num_in_p_b, k_b), is_closed_b
+
+
+def _sorted_top_k_top_p(scaled_bv: jax.Array, k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """Top-k and top-p over the whole sorted vocabulary (the rows candidates cannot decide)."""
+    v = scaled_bv.shape[-1]
+    sorted_bv = jnp.flip(jnp.sort(scaled_bv, axis=-1), axis=-1)
+    in_top_k_bv = jnp.arange(v)[None] < k_b[:, None]
+    probs_bv = numerics.softmax(sorted_bv, axis=-1, where=in_top_k_bv)
+    num_kept_b, _ = _num_kept(probs_bv, in_top_k_bv, k_b, top_p_b)
     threshold_b1 = jnp.take_along_axis(sorted_bv, (num_kept_b - 1)[:, None], axis=-1)
     return jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf)
 
@@ -229,11 +285,11 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
 
     is_sampled_b = a.temperature_b > 0
     scaled_bv = processed_bv / jnp.where(is_sampled_b, a.temperature_b, 1.0)[:, None]
-    # Sorting the vocabulary is the sampler's costliest step: only when some
+    # Truncation needs the most likely tokens in order: only when some
     # sampled row truncates. Rows that do not come out unchanged either way.
     is_truncated_b = is_sampled_b & (((a.top_k_b > 0) & (a.top_k_b < v)) | (a.top_p_b < 1))
     scaled_bv = jax.lax.cond(jnp.any(is_truncated_b), _top_k_top_p, lambda x, *_: x,
-                             scaled_bv, a.top_k_b, a.top_p_b)
+                             scaled_bv, a.top_k_b, a.top_p_b, is_truncated_b)
     # The Gumbel noise ([B, V] random draws) costs more than the rest of the
     # sampler: only when some row samples. Greedy rows take greedy_b either way.
     sampled_b = jax.lax.cond(jnp.any(is_sampled_b), _draw, lambda x, _: greedy_b, scaled_bv, a)

@@ -44,6 +44,17 @@ def softmax(x: jax.Array, axis: int = -1, where: jax.Array | None = None) -> jax
     return unnormalised / sum_(unnormalised, axis=axis, keepdims=True)
 
 
+def logsumexp(x: jax.Array, axis: int = -1, keepdims: bool = False,
+              where: jax.Array | None = None) -> jax.Array:
+    """log(sum(exp(x))) over `axis`, over the entries where `where` is True (at least one per row)."""
+    x = x.astype(jnp.float32)
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    peak = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    out = peak + jnp.log(sum_(jnp.exp(x - peak), axis=axis, keepdims=True))
+    return out if keepdims else jnp.squeeze(out, axis=axis)
+
+
 def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """log(softmax(x)) over `axis`, computed as x - max - log(sum(exp(x - max)))."""
     x = x.astype(jnp.float32)

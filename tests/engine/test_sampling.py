@@ -63,6 +63,52 @@ def test_top_p_keeps_the_smallest_sufficient_set():
     assert set(_draw(np.log(PROBS), SamplingParams(top_p=0.01), seeds=SEEDS)) == {0}
 
 
+def _reference_kept(scaled_v, top_k, top_p):
+    """The tokens top-k then top-p keep, in float64: mass of strictly more likely tokens < top_p."""
+    order = np.argsort(-scaled_v.astype(np.float64), kind="stable")
+    k = top_k or len(scaled_v)
+    top = scaled_v[order[:k]].astype(np.float64)
+    probs = np.exp(top - top.max())
+    probs /= probs.sum()
+    mass_before = np.cumsum(probs) - probs
+    num_kept = int(np.sum(mass_before < top_p)) if top_p < 1 else k
+    return set(order[:num_kept].tolist())
+
+
+def test_truncation_over_a_large_vocabulary_matches_a_reference_on_both_paths():
+    # Rows each candidate tier decides (peaked, or top-k within the tier) and
+    # rows that need the full sort (flat, or top-k beyond every tier) in one batch.
+    from engine.sampler import TRUNCATION_TIERS, _top_k_top_p
+
+    small, large = TRUNCATION_TIERS
+    rng = np.random.default_rng(11)
+    v = 2 * large
+    peaked = rng.normal(scale=4.0, size=v)
+    flat = rng.normal(scale=0.05, size=v)
+    middling = rng.normal(scale=1.2, size=v)  # a nucleus between the tiers
+    cases = [(peaked, 0, 0.9), (peaked, 50, 0.95), (middling, 0, 0.6), (flat, 0, 0.9), (flat, 100, 1.0),
+             (flat, small + 7, 0.5), (flat, large + 7, 0.5), (peaked, large + 7, 1.0),
+             (flat, 0, 1.0)]  # the last one does not truncate
+    scaled = np.stack([x for x, _, _ in cases]).astype(np.float32)
+    top_k = np.array([k for _, k, _ in cases], np.int32)
+    top_p = np.array([p for _, _, p in cases], np.float32)
+    is_truncated = (top_k > 0) | (top_p < 1)
+    out = np.asarray(_top_k_top_p(jnp.asarray(scaled), jnp.asarray(top_k), jnp.asarray(top_p),
+                                  jnp.asarray(is_truncated)))
+    for row, (x, k, p) in enumerate(cases):
+        kept = set(np.flatnonzero(np.isfinite(out[row])).tolist())
+        assert kept == (_reference_kept(scaled[row], k, p) if is_truncated[row] else set(range(v))), row
+        np.testing.assert_array_equal(out[row][list(kept)], scaled[row][list(kept)])
+    assert small < len(_reference_kept(scaled[2], 0, 0.6)) < large  # the middle tier decided it
+    assert len(_reference_kept(scaled[3], 0, 0.9)) > large  # the flat row did need the sort
+
+    # Alone, each row comes out bitwise the same as in the mixed batch.
+    for row in range(len(cases)):
+        alone = np.asarray(_top_k_top_p(jnp.asarray(scaled[row:row + 1]), jnp.asarray(top_k[row:row + 1]),
+                                        jnp.asarray(top_p[row:row + 1]), jnp.asarray(is_truncated[row:row + 1])))
+        np.testing.assert_array_equal(alone[0], out[row])
+
+
 def test_top_k_keeps_the_k_most_likely():
     ids = _draw(np.log(PROBS), SamplingParams(top_k=2), seeds=SEEDS)
     assert set(np.unique(ids)) == {0, 1}
