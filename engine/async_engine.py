@@ -121,6 +121,8 @@ class AsyncEngine:
             except Exception as e:  # a failed step fails its requests, not the server
                 self._fail_all(RuntimeError(f"engine step failed: {e}"))
                 continue
+            # Stats first: a client that has its answer sees it in the metrics.
+            self.stats = self.engine.stats()
             for output in outputs:
                 target = self._streams.get(output.request_id)
                 if target is None:
@@ -128,7 +130,6 @@ class AsyncEngine:
                 _deliver(target, output)
                 if output.finished:
                     del self._streams[output.request_id]
-            self.stats = self.engine.stats()
 
     def _handle(self, command) -> None:
         if isinstance(command, _Abort):

@@ -159,6 +159,9 @@ def parse_request(endpoint: Endpoint, body: Any) -> ParsedRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, Mapping):
         raise RequestError("stream_options must be an object", param="stream_options")
+    if body.get("stream_options") is not None and not _flag(body, "stream"):
+        # OpenAI's answer too: options of a stream that is not there are a mistake.
+        raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
     add_generation_prompt = body.get("add_generation_prompt")
     add_generation_prompt = True if add_generation_prompt is None else _flag(body, "add_generation_prompt")
     continue_final_message = _flag(body, "continue_final_message")

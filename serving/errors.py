@@ -14,8 +14,10 @@ import re
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 
 from engine.openai_format import RequestError
+from serving.schemas import ErrorResponse
 
 log = logging.getLogger("balansis.serving")
 
@@ -26,6 +28,7 @@ _CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 4
 # msgspec names the offending field like "... - at `$.messages[0].role`".
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+_MISSING_FIELD = re.compile(r"missing required field `([^`]*)`")
 
 
 class ApiError(RequestError):
@@ -62,10 +65,13 @@ def _http_exception(_: Request, exc: HTTPException) -> Response:
     if isinstance(exc, ValidationException) or status in (400, 422):
         status, code = 400, "invalid_value"
         message, param = _validation_message(exc)
-        unknown = _UNKNOWN_FIELD.search(message)
+        unknown, missing = _UNKNOWN_FIELD.search(message), _MISSING_FIELD.search(message)
         if unknown is not None:  # worded as OpenAI words it
             field = f"{param}.{unknown.group(1)}" if param else unknown.group(1)
             message, param, code = f"unrecognized request argument supplied: {field}", field, "unknown_parameter"
+        elif missing is not None:
+            field = f"{param}.{missing.group(1)}" if param else missing.group(1)
+            message, param, code = f"missing required parameter: {field}", field, "missing_required_parameter"
     elif status == 413:
         message = "the request body is too large"
     elif status == 404:
@@ -85,6 +91,10 @@ def _validation_message(exc: HTTPException) -> tuple[str, str | None]:
     if "malformed" in message.lower() or "truncated" in message.lower():
         return f"the request body is not valid JSON: {message}", None
     param = items[0].get("key") if items else None
+    if items and message == repr(param):  # Litestar's KeyError: the parameter is absent
+        if items[0].get("source") == "body":
+            return "the request body is empty; send a JSON object", None
+        return f"missing parameter: {param}", param
     match = _MSGSPEC_PATH.search(message)
     if match is not None:
         message, param = _MSGSPEC_PATH.sub("", message), match.group(1) or param
@@ -98,5 +108,16 @@ def _unexpected(_: Request, exc: Exception) -> Response:
     return error_response(ApiError(f"internal error: {type(exc).__name__}", status_code=500,
                                    code="internal_error"))
 
+
+# The error statuses API routes answer with, for the OpenAPI docs (Litestar
+# would otherwise document its own validation body).
+ERROR_RESPONSES = {status: ResponseSpec(data_container=ErrorResponse, description=description)
+                   for status, description in (
+    (400, "Invalid request: a value, a field, the body, or the context length"),
+    (401, "Missing or wrong API key (when the server has keys)"),
+    (404, "Unknown model"),
+    (413, "Request body too large"),
+    (429, "Queue full; see Retry-After"),
+    (503, "Model loading, engine stopped, or shutting down"))}
 
 EXCEPTION_HANDLERS = {RequestError: _request_error, HTTPException: _http_exception, Exception: _unexpected}

@@ -20,17 +20,20 @@ from litestar.response import ServerSentEvent
 
 from engine.openai_format import (Endpoint, ParsedRequest, TokenTexts, chat_completion, parse_request,
                                   prompt_token_ids, sampling_params, text_completion)
-from serving.errors import RequestError, error_body
+from serving.errors import ERROR_RESPONSES, RequestError, error_body
 from serving.generation import final_outputs, stream_requests, unless_disconnected
 from serving.openai_stream import ChunkWriter
 from serving.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                              CompletionRequest, ModelCard, ModelList)
-from serving.state import ServerState
+from serving.state import Admission, ServerState
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+# The content type is set here because Litestar prefers the handler's media type
+# (JSON, from the return annotation) to the one ServerSentEvent carries.
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
 
-@get("/v1/models", summary="The models this server serves")
+@get("/v1/models", summary="The models this server serves", responses=ERROR_RESPONSES)
 async def list_models(server: NamedDependency[ServerState]) -> ModelList:
     engine = server.engine_core
     return ModelList(object="list", data=[ModelCard(
@@ -38,14 +41,16 @@ async def list_models(server: NamedDependency[ServerState]) -> ModelList:
         if engine.loaded.path.exists() else 0, owned_by="balansis", max_model_len=engine.max_model_len)])
 
 
+# status_code: Litestar answers a POST with 201 unless told; OpenAI answers 200.
 @post("/v1/chat/completions", summary="Chat completion (OpenAI); SSE when stream is true",
-      responses=None)
+      status_code=200, responses=ERROR_RESPONSES)
 async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest],
                            server: NamedDependency[ServerState]) -> ChatCompletion | ServerSentEvent:
     return await _complete(request, server, Endpoint.CHAT, data)
 
 
-@post("/v1/completions", summary="Text completion (OpenAI); SSE when stream is true")
+@post("/v1/completions", summary="Text completion (OpenAI); SSE when stream is true",
+      status_code=200, responses=ERROR_RESPONSES)
 async def completions(request: Request, data: JSONBody[CompletionRequest],
                       server: NamedDependency[ServerState]) -> Completion | ServerSentEvent:
     return await _complete(request, server, Endpoint.COMPLETIONS, data)
@@ -70,10 +75,10 @@ async def _complete(http_request: Request, server: ServerState, endpoint: Endpoi
                     for p in request.prompts] if request.echo else [""] * len(prompts)
     num_seqs = sum(p.n for p in params)
     if request.stream:
-        server.check_capacity(num_seqs)  # the stream admits itself once it starts
+        admission = server.admit(num_seqs)  # a 429 now, before the 200 of the stream; released by it
         writer = ChunkWriter(request, response_id=response_id, created=created, model=server.config.model_name,
                              token_text=token_text, prompt_texts=prompt_texts)
-        events = _events(server, request, writer, response_id, prompts, params, num_seqs)
+        events = _events(server, request, writer, response_id, prompts, params, admission)
         return ServerSentEvent(events, headers=_SSE_HEADERS)
     with server.admitted(num_seqs):
         finals = await unless_disconnected(
@@ -88,7 +93,7 @@ async def _complete(http_request: Request, server: ServerState, endpoint: Endpoi
 
 
 async def _events(server: ServerState, request: ParsedRequest, writer: ChunkWriter, response_id: str,
-                  prompts, params, num_seqs: int) -> AsyncIterator[str]:
+                  prompts, params, admission: Admission) -> AsyncIterator[str]:
     """The SSE data lines of a streamed request, ending in [DONE].
 
     An error after the stream started cannot change the status code any
@@ -97,7 +102,7 @@ async def _events(server: ServerState, request: ParsedRequest, writer: ChunkWrit
     chunk_type = ChatCompletionChunk if request.endpoint is Endpoint.CHAT else Completion
     finals = [None] * len(prompts)
     try:
-        with server.admitted(num_seqs):
+        with admission:
             stream = stream_requests(server.ready_engine(), server.metrics, response_id, prompts, params)
             try:
                 async for index, output in stream:

@@ -74,9 +74,9 @@ class ChunkWriter:
         text = choice.text[cursor.num_chars:]
         new_logprobs = (choice.logprobs or [])[cursor.num_tokens:] if wants_logprobs else []
         if text or new_logprobs:
+            entries = [chat_token_logprob(lp, self._token_text) for lp in new_logprobs]
             parts.append({"index": choice.index, "delta": {"content": text},
-                          "logprobs": {"content": [chat_token_logprob(lp, self._token_text) for lp in new_logprobs],
-                                       "refusal": None} if wants_logprobs else None,
+                          "logprobs": {"content": entries, "refusal": None} if wants_logprobs else None,
                           "finish_reason": None})
         cursor.num_chars, cursor.num_tokens = len(choice.text), len(choice.token_ids)
         if choice.finish_reason is not None:

@@ -11,6 +11,7 @@ from litestar.params import JSONBody
 from litestar import MediaType, Response, get, post
 
 from engine.openai_format import Endpoint, RequestError, parse_request, prompt_token_ids
+from serving.errors import ERROR_RESPONSES
 from serving.schemas import (DetokenizeRequest, DetokenizeResponse, StatusResponse, TokenizeRequest,
                              TokenizeResponse, VersionResponse)
 from serving.state import ServerState
@@ -23,11 +24,19 @@ async def health(server: NamedDependency[ServerState]) -> Response[StatusRespons
     return Response(StatusResponse("ok"))
 
 
-@get("/ready", summary="Readiness: 200 once the model is loaded and warmed, 503 before and while draining")
+@get("/ready", summary="Readiness: 200 once the model is loaded and warmed; 503 while loading, draining, or once "
+     "loading failed or the engine stopped")
 async def ready(server: NamedDependency[ServerState]) -> Response[StatusResponse]:
     if server.is_ready:
         return Response(StatusResponse("ready"))
-    status = "draining" if server.is_draining else "failed" if server.load_error else "loading"
+    if server.is_draining:
+        status = "draining"
+    elif server.load_error is not None:
+        status = "failed"
+    elif server.engine is not None:  # loaded, but its thread has stopped
+        status = "stopped"
+    else:
+        status = "loading"
     return Response(StatusResponse(status), status_code=503)
 
 
@@ -43,7 +52,7 @@ async def version() -> VersionResponse:
 
 
 @post("/tokenize", summary="Token ids of a prompt, or of chat messages through the chat template",
-      status_code=200)
+      status_code=200, responses=ERROR_RESPONSES)
 async def tokenize(data: JSONBody[TokenizeRequest], server: NamedDependency[ServerState]) -> TokenizeResponse:
     core = server.engine_core
     server.check_model(data.model)
@@ -60,8 +69,9 @@ async def tokenize(data: JSONBody[TokenizeRequest], server: NamedDependency[Serv
     return TokenizeResponse(count=len(ids), max_model_len=core.max_model_len, tokens=ids)
 
 
-@post("/detokenize", summary="The text of token ids", status_code=200)
-async def detokenize(data: JSONBody[DetokenizeRequest], server: NamedDependency[ServerState]) -> DetokenizeResponse:
+@post("/detokenize", summary="The text of token ids", status_code=200, responses=ERROR_RESPONSES)
+async def detokenize(data: JSONBody[DetokenizeRequest],
+                     server: NamedDependency[ServerState]) -> DetokenizeResponse:
     core = server.engine_core
     server.check_model(data.model)
     vocab_size = core.loaded.config.vocab_size

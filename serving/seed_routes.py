@@ -28,16 +28,19 @@ from litestar.response import ServerSentEvent
 from engine.llm_engine import RequestOutput
 from engine.openai_format import Endpoint, parse_request, prompt_token_ids
 from engine.sampling import SamplingParams
-from serving.errors import ApiError, RequestError, error_body
+from serving.errors import ERROR_RESPONSES, ApiError, RequestError, error_body
 from serving.generation import final_outputs, stream_requests, unless_disconnected
 from serving.schemas import (AssistantMessage, SeedChatDelta, SeedChatRequest, SeedChatResponse,
                              SeedGenerateRequest, SeedGenerateResponse, SeedModel, SeedModelList)
-from serving.state import PRECISION_LEVELS, ServerState
+from serving.state import PRECISION_LEVELS, Admission, ServerState
 
 _DEFAULT_CHAT_MAX_LENGTH = 512
+# The content type is set here because Litestar prefers the handler's media type
+# (JSON, from the return annotation) to the one ServerSentEvent carries.
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 
-@get("/models", summary="Seed API: the served model")
+@get("/models", summary="Seed API: the served model", responses=ERROR_RESPONSES)
 async def seed_models(server: NamedDependency[ServerState]) -> SeedModelList:
     core = server.engine_core
     return SeedModelList(models=[SeedModel(name=server.config.model_name, type="chat",
@@ -45,8 +48,10 @@ async def seed_models(server: NamedDependency[ServerState]) -> SeedModelList:
                                            precision_levels=list(PRECISION_LEVELS))])
 
 
-@post("/api/v1/generate", summary="Seed API: continue a raw-text prompt", status_code=200)
-async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest], server: NamedDependency[ServerState]) -> SeedGenerateResponse:
+@post("/api/v1/generate", summary="Seed API: continue a raw-text prompt",
+      status_code=200, responses=ERROR_RESPONSES)
+async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
+                        server: NamedDependency[ServerState]) -> SeedGenerateResponse:
     core = server.engine_core
     prompt_ids = core.tokenizer.encode(data.prompt)
     if not prompt_ids:
@@ -59,7 +64,8 @@ async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest], s
                                 act_stability_score=None)
 
 
-@post("/api/v1/chat", summary="Seed API: chat; SSE when stream is true", status_code=200)
+@post("/api/v1/chat", summary="Seed API: chat; SSE when stream is true",
+      status_code=200, responses=ERROR_RESPONSES)
 async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
                     server: NamedDependency[ServerState]) -> SeedChatResponse | ServerSentEvent:
     core = server.engine_core
@@ -71,8 +77,8 @@ async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
         max_length = max(1, min(_DEFAULT_CHAT_MAX_LENGTH, core.max_model_len - len(prompt_ids)))
     params = _params(server, data, len(prompt_ids), max_length)
     if data.stream:
-        server.check_capacity(1)
-        return ServerSentEvent(_chat_events(server, prompt_ids, params), headers={"Cache-Control": "no-cache"})
+        admission = server.admit(1)  # now, not when the body starts: see ServerState.admit
+        return ServerSentEvent(_chat_events(server, admission, prompt_ids, params), headers=_SSE_HEADERS)
     return _chat_response(server, await _generate(request, server, prompt_ids, params))
 
 
@@ -111,10 +117,11 @@ def _chat_response(server: ServerState, output: RequestOutput) -> SeedChatRespon
                             act_stability_score=None, finish_reason=choice.finish_reason)
 
 
-async def _chat_events(server: ServerState, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
+async def _chat_events(server: ServerState, admission: Admission, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[str]:
     sent = 0
     try:
-        with server.admitted(1):
+        with admission:
             stream = stream_requests(server.ready_engine(), server.metrics, f"seed-{uuid.uuid4().hex}",
                                      [prompt_ids], [params])
             try:

@@ -128,14 +128,48 @@ class ServerState:
                            f"at most {limit}); retry later", status_code=429,
                            headers={"Retry-After": "1"})
 
-    @contextlib.contextmanager
-    def admitted(self, num_seqs: int) -> Iterator[None]:
-        """Hold `num_seqs` sequences of admission, or raise a 429 when the queue is full."""
+    def admit(self, num_seqs: int) -> "Admission":
+        """Admit `num_seqs` sequences now, or raise a 429 when the queue is full.
+
+        A stream admits in its handler, before the response starts, and hands
+        the Admission to its body, which releases it when it ends: checking in
+        the handler and admitting in the body would let concurrent streams all
+        pass the check, then fail inside a 200 response.
+        """
         self.check_capacity(num_seqs)
         self.num_in_flight_seqs += num_seqs
         self.num_open_requests += 1
-        try:
+        return Admission(self, num_seqs)
+
+    @contextlib.contextmanager
+    def admitted(self, num_seqs: int) -> Iterator[None]:
+        """Hold `num_seqs` sequences of admission for the `with` body, or raise a 429."""
+        with self.admit(num_seqs):
             yield
-        finally:
-            self.num_in_flight_seqs -= num_seqs
-            self.num_open_requests -= 1
+
+
+class Admission:
+    """Sequences admitted for one request; released once, by `release` or by leaving `with`."""
+
+    def __init__(self, state: ServerState, num_seqs: int):
+        self._state = state
+        self._num_seqs = num_seqs
+        self._is_released = False
+
+    def release(self) -> None:
+        if self._is_released:
+            return
+        self._is_released = True
+        self._state.num_in_flight_seqs -= self._num_seqs
+        self._state.num_open_requests -= 1
+
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.release()
+
+    def __del__(self):
+        # A stream whose body never started (the client left before the
+        # first byte) never runs its `with`; dropping it releases the seats.
+        self.release()
