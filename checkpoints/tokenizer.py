@@ -6,7 +6,10 @@ fast tokenizers. Nothing is fetched from a model hub: every load is
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -54,6 +57,36 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for, even when it is part of a UTF-8
+        character (whose decoded text would be U+FFFD): OpenAI's logprob `bytes`.
+        """
+        piece = self._hf.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return b""
+        if piece in self._hf.get_added_vocab():  # special and added tokens are stored as text
+            return piece.encode("utf-8")
+        if self._decoder_kind == "byte_level":  # GPT-2 style: each byte is one printable character
+            table = _byte_level_decoding()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        elif self._decoder_kind == "sentencepiece":  # ▁ for spaces, <0xNN> for byte fallback
+            match = _BYTE_PIECE.fullmatch(piece)
+            return bytes([int(match.group(1), 16)]) if match else piece.replace("\u2581", " ").encode("utf-8")
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def _decoder_kind(self) -> str | None:
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        decoder = json.dumps(json.loads(backend.to_str()).get("decoder"))
+        if '"ByteLevel"' in decoder:
+            return "byte_level"
+        if '"ByteFallback"' in decoder or "\u2581" in decoder or "\\u2581" in decoder:
+            return "sentencepiece"
+        return None
+
     def render_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False) -> str:
         """The prompt text the model's chat template makes of `messages`.
@@ -74,6 +107,23 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
                                 continue_final_message=continue_final_message)
         return self.encode(text, add_special_tokens=False)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_level_decoding() -> dict[str, int]:
+    """Character → byte of the byte-level BPE alphabet (GPT-2's): printable
+    Latin-1 bytes stand for themselves, the other 68 bytes for 256, 257, …"""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = 256
+    for b in range(256):
+        if b not in printable:
+            table[chr(shifted)] = b
+            shifted += 1
+    return table
 
 
 def _load(location: str, **kwargs):

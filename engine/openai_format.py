@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from engine.llm_engine import RequestOutput
 from engine.sampling import SamplingParams
@@ -241,11 +241,14 @@ def sampling_params(request: ParsedRequest, *, num_prompt_tokens: int, max_model
 
 
 class TokenTexts:
-    """Token id → its text, cached, for logprobs (special tokens shown, as OpenAI does)."""
+    """Token id → its text and its raw bytes, cached, for logprobs (special tokens
+    shown, as OpenAI does). A token that is part of a UTF-8 character has the
+    text U+FFFD but its true bytes, so clients can join bytes into text."""
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
         self._texts: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
 
     def __call__(self, token_id: int) -> str:
         text = self._texts.get(token_id)
@@ -253,9 +256,15 @@ class TokenTexts:
             text = self._texts[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
+    def bytes_of(self, token_id: int) -> list[int]:
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = self._bytes[token_id] = list(self._tokenizer.token_bytes(token_id))
+        return raw
+
 
 def chat_completion(output: RequestOutput, *, request: ParsedRequest, response_id: str, created: int,
-                    model: str, token_text: Callable[[int], str]) -> dict[str, Any]:
+                    model: str, token_text: TokenTexts) -> dict[str, Any]:
     """A finished chat request as OpenAI's `chat.completion` object."""
     choices = [{
         "index": c.index,
@@ -270,7 +279,7 @@ def chat_completion(output: RequestOutput, *, request: ParsedRequest, response_i
 
 def text_completion(outputs: Sequence[RequestOutput], *, request: ParsedRequest, prompt_texts: Sequence[str],
                     response_id: str, created: int, model: str,
-                    token_text: Callable[[int], str]) -> dict[str, Any]:
+                    token_text: TokenTexts) -> dict[str, Any]:
     """Finished completions requests (one per prompt) as OpenAI's `text_completion` object.
 
     Choice i of prompt p has index p·n + i, as OpenAI numbers them. With
@@ -306,11 +315,10 @@ def usage(outputs: Sequence[RequestOutput], *, is_prompt_only: bool = False) -> 
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
 
 
-def chat_token_logprob(lp: TokenLogprobs, token_text) -> dict[str, Any]:
+def chat_token_logprob(lp: TokenLogprobs, token_text: TokenTexts) -> dict[str, Any]:
     """One entry of a chat choice's logprobs.content."""
     def entry(token_id, logprob):
-        text = token_text(token_id)
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+        return {"token": token_text(token_id), "logprob": _finite(logprob), "bytes": token_text.bytes_of(token_id)}
     return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
 
 

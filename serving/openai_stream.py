@@ -12,11 +12,11 @@ held-back stop-string prefix.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from engine.llm_engine import CompletionOutput, RequestOutput
-from engine.openai_format import (Endpoint, ParsedRequest, chat_token_logprob, completion_logprobs,
-                                  usage)
+from engine.openai_format import (Endpoint, ParsedRequest, TokenTexts, chat_token_logprob,
+                                  completion_logprobs, usage)
 
 
 @dataclasses.dataclass(slots=True)
@@ -32,7 +32,7 @@ class _Cursor:
 
 class ChunkWriter:
     def __init__(self, request: ParsedRequest, *, response_id: str, created: int, model: str,
-                 token_text: Callable[[int], str], prompt_texts: Sequence[str] = ()):
+                 token_text: TokenTexts, prompt_texts: Sequence[str] = ()):
         self._request = request
         self._is_chat = request.endpoint is Endpoint.CHAT
         self._head = {"id": response_id, "object": "chat.completion.chunk" if self._is_chat else "text_completion",

@@ -49,3 +49,35 @@ def test_folder_without_chat_template(minilm_folder):
     tokenizer = Tokenizer.from_folder(minilm_folder)
     with pytest.raises(CheckpointError, match="no chat template"):
         tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+
+
+def test_token_bytes_of_a_byte_level_tokenizer(smollm2):
+    tokenizer = smollm2.tokenizer
+    text = "日本 Hello, wörld!"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces).decode("utf-8") == text
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # some tokens are parts of characters
+    assert tokenizer.token_bytes(tokenizer.eos_token_id) == b"<|im_end|>"  # special tokens as text
+
+
+def test_token_bytes_of_a_sentencepiece_style_tokenizer(tmp_path):
+    # A Llama-style tokenizer.json built here: ▁ for spaces, <0xNN> byte fallback.
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from checkpoints.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)},
+             "▁": 259, "h": 260, "i": 261, "▁h": 262, "▁hi": 263}
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[("▁", "h"), ("▁h", "i")], byte_fallback=True,
+                                  unk_token="<unk>"))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    tokenizer = Tokenizer.from_folder(tmp_path)
+    ids = tokenizer.encode("hi é", add_special_tokens=False)
+    assert ids == [263, 259, 3 + 0xC3, 3 + 0xA9]
+    assert [tokenizer.token_bytes(i) for i in ids] == [b" hi", b" ", b"\xc3", b"\xa9"]

@@ -262,12 +262,14 @@ def test_chat_logprobs_have_openai_shape_and_engine_values(client, reference, to
     assert len(content) == response.usage.completion_tokens == len(want.token_ids)
     for entry, lp in zip(content, want.logprobs):
         assert entry.token == token_text(lp.token_id)
+        assert entry.bytes == list(tokenizer.token_bytes(lp.token_id))
         if "\ufffd" not in entry.token:  # a token that is part of a character has no text of its own
             assert entry.bytes == list(entry.token.encode("utf-8"))
         assert entry.logprob == pytest.approx(lp.logprob, abs=1e-5)
         assert len(entry.top_logprobs) == 3
         assert [t.token for t in entry.top_logprobs] == [token_text(i) for i, _ in lp.top]
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx([v for _, v in lp.top], abs=1e-5)
+        assert [t.bytes for t in entry.top_logprobs] == [list(tokenizer.token_bytes(i)) for i, _ in lp.top]
         assert all(t.bytes == list(t.token.encode("utf-8")) for t in entry.top_logprobs if "\ufffd" not in t.token)
         # Greedy: the chosen token is the most likely one.
         assert entry.top_logprobs[0].token == entry.token
@@ -531,3 +533,16 @@ def test_async_client_matches_the_sync_one(client, live_server):
     assert _counts(chat.usage) == _counts(whole_chat.usage) == _counts(streamed_usage)
     assert text.choices[0].text == whole_text.choices[0].text
     assert _counts(text.usage) == _counts(whole_text.usage)
+
+
+def test_chat_logprob_bytes_of_split_characters_join_into_the_text(client, tokenizer):
+    # "日本" is three tokens, the first two only parts of UTF-8 characters. Force
+    # each as a one-token answer: its bytes are its own, and they join into the text.
+    ids = tokenizer.encode("日本", add_special_tokens=False)
+    assert len(ids) == 3
+    responses = [client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1, temperature=0,
+                                                logprobs=True, logit_bias={str(token_id): 100})
+                 for token_id in ids]
+    joined = b"".join(bytes(r.choices[0].logprobs.content[0].bytes) for r in responses)
+    assert joined.decode("utf-8") == "日本"
+    assert "\ufffd" in responses[0].choices[0].logprobs.content[0].token  # no text of its own
