@@ -17,7 +17,9 @@ request's KV blocks at the next turn of the engine loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import queue
 import threading
 from typing import AsyncIterator
@@ -41,6 +43,7 @@ class _Abort:
 
 
 _STOP = object()
+log = logging.getLogger("balansis.engine")
 
 
 class EngineDeadError(RuntimeError):
@@ -55,12 +58,14 @@ class AsyncEngine:
         # Replaced (never mutated) by the engine thread after each turn, so
         # other threads read a consistent snapshot without a lock.
         self.stats: EngineStats = engine.stats()
+        self._lock = threading.Lock()  # orders new requests against the thread stopping
+        self._is_stopped = False
         self._thread = threading.Thread(target=self._run, name="balansis-engine", daemon=True)
         self._thread.start()
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._is_stopped
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -69,10 +74,11 @@ class AsyncEngine:
         Raises ValueError (from the engine's checks) before the first output
         for a request the engine refuses. Leaving the loop early aborts it.
         """
-        if not self.is_running:
-            raise EngineDeadError("the engine has stopped")
         stream: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, list(prompt_ids), params, stream, asyncio.get_running_loop()))
+        with self._lock:
+            if self._is_stopped:
+                raise EngineDeadError("the engine has stopped")
+            self._commands.put(_Add(request_id, list(prompt_ids), params, stream, asyncio.get_running_loop()))
         finished = False
         try:
             while True:
@@ -98,6 +104,23 @@ class AsyncEngine:
 
     # -- the engine thread ---------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve_commands()
+        except BaseException:  # a bug, not a bad request: say so, then fail what is waiting
+            log.exception("the engine thread failed")
+        finally:
+            with self._lock:  # after this no request can be queued, so none is left unanswered
+                self._is_stopped = True
+            self._fail_all(EngineDeadError("the engine has stopped"))
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(command, _Add):
+                    _deliver((command.stream, command.loop), EngineDeadError("the engine has stopped"))
+
+    def _serve_commands(self) -> None:
         while True:
             block = not self.engine.has_unfinished_requests()
             try:
@@ -106,7 +129,6 @@ class AsyncEngine:
                 command = None
             while command is not None:
                 if command is _STOP:
-                    self._fail_all(EngineDeadError("the engine was shut down"))
                     return
                 self._handle(command)
                 try:
@@ -119,7 +141,8 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
-                self._fail_all(RuntimeError(f"engine step failed: {e}"))
+                log.exception("engine step failed; its requests are aborted")
+                self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
             # Stats first: a client that has its answer sees it in the metrics.
             self.stats = self.engine.stats()
@@ -138,16 +161,21 @@ class AsyncEngine:
             return
         try:
             self.engine.add_request(command.request_id, command.prompt_ids, command.params)
-        except ValueError as e:
+        except ValueError as e:  # the engine refuses the request
             _deliver((command.stream, command.loop), e)
+            return
+        except Exception as e:  # a bug: this request fails, the engine goes on
+            log.exception("cannot add request %s", command.request_id)
+            _deliver((command.stream, command.loop), RuntimeError(f"cannot add the request: {e}"))
             return
         self._streams[command.request_id] = (command.stream, command.loop)
 
     def _fail_all(self, error: Exception) -> None:
-        for request_id, target in list(self._streams.items()):
-            self.engine.abort_request(request_id)
+        streams, self._streams = self._streams, {}
+        for request_id, target in streams.items():
             _deliver(target, error)
-        self._streams.clear()
+            with contextlib.suppress(Exception):  # the engine may be what failed
+                self.engine.abort_request(request_id)
 
 
 def _deliver(target: tuple[asyncio.Queue, asyncio.AbstractEventLoop], item) -> None:

@@ -141,6 +141,21 @@ class LLMEngine:
         """Queue a request. Raises ValueError for a prompt the engine cannot serve."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params)
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        seqs = [Sequence(request_id=request_id, choice=i, prompt_ids=list(prompt_ids), params=params,
+                         seed=seed, arrival_time=arrival_time,
+                         prompt_logprobs=[] if params.prompt_logprobs is not None and i == 0 else None)
+                for i in range(params.n)]
+        texts = {s.seq_id: TextOutput(self.tokenizer, s.prompt_ids, params) for s in seqs}
+        self._requests[request_id] = _Request(request_id, list(prompt_ids), params, arrival_time,
+                                              seqs, seqs[1:], texts)
+        self.scheduler.add(seqs[0])
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError unless the engine can serve this prompt with these params
+        (what `add_request` checks, for callers that must answer before queueing)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.loaded.config.vocab_size for t in prompt_ids):
@@ -157,16 +172,6 @@ class LLMEngine:
         if -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size) > self.num_blocks:
             raise ValueError(f"the request needs more KV cache than the whole pool "
                              f"({self.num_blocks * self.config.block_size} tokens)")
-        arrival_time = time.time() if arrival_time is None else arrival_time
-        seed = params.seed if params.seed is not None else random.getrandbits(31)
-        seqs = [Sequence(request_id=request_id, choice=i, prompt_ids=list(prompt_ids), params=params,
-                         seed=seed, arrival_time=arrival_time,
-                         prompt_logprobs=[] if params.prompt_logprobs is not None and i == 0 else None)
-                for i in range(params.n)]
-        texts = {s.seq_id: TextOutput(self.tokenizer, s.prompt_ids, params) for s in seqs}
-        self._requests[request_id] = _Request(request_id, list(prompt_ids), params, arrival_time,
-                                              seqs, seqs[1:], texts)
-        self.scheduler.add(seqs[0])
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its KV blocks are freed at once."""
@@ -267,7 +272,9 @@ class LLMEngine:
         times = [s.first_token_time for s in request.seqs if s.first_token_time]
         return RequestOutput(
             request_id=request.request_id, prompt_ids=request.prompt_ids,
-            prompt_logprobs=first.prompt_logprobs, outputs=outputs,
+            # A copy: a preempted sequence recomputes (clears and refills) its own list.
+            prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
+            outputs=outputs,
             finished=all(s.is_finished for s in request.seqs),
             arrival_time=request.arrival_time, first_scheduled_time=first.first_scheduled_time,
             first_token_time=min(times) if times else None,

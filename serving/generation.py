@@ -15,12 +15,28 @@ from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 from litestar import Request
 
 from engine.async_engine import AsyncEngine, EngineDeadError
-from engine.llm_engine import RequestOutput
+from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling import SamplingParams
 from serving.errors import ApiError
 from serving.metrics import ServingMetrics
 
 T = TypeVar("T")
+
+# Server-sent events: the media type (Litestar would otherwise use the
+# handler's JSON one), and no caching or proxy buffering of the stream.
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+
+def check_engine_accepts(core: LLMEngine, prompts: Sequence[list[int]], params: Sequence[SamplingParams], *,
+                         param: str) -> None:
+    """A 400 now for what the engine would refuse once queued (say, a request
+    larger than the whole KV pool), instead of an error event inside a 200 stream."""
+    for ids, p in zip(prompts, params):
+        try:
+            core.check_request(ids, p)
+        except ValueError as e:
+            raise ApiError(str(e), status_code=400, code="invalid_value", param=param) from None
 
 
 async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, request_id: str, prompt_ids: list[int],
@@ -30,12 +46,15 @@ async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, request_id: str
     last: RequestOutput | None = None
     outcome = "abort"  # unless it finishes or fails
     try:
-        async for output in engine.generate(request_id, prompt_ids, params):
-            tracker.observe(output)
-            last = output
-            if output.finished:
-                outcome = output.outputs[0].finish_reason or "stop"
-            yield output
+        # aclosing: leaving early aborts the engine request now, not when the
+        # generator happens to be collected.
+        async with contextlib.aclosing(engine.generate(request_id, prompt_ids, params)) as outputs:
+            async for output in outputs:
+                tracker.observe(output)
+                last = output
+                if output.finished:
+                    outcome = output.outputs[0].finish_reason or "stop"
+                yield output
     except EngineDeadError as e:
         outcome = "error"
         raise ApiError(str(e), status_code=503) from None

@@ -64,23 +64,27 @@ class RequestTracker:
 
     def __init__(self, metrics: ServingMetrics):
         self._metrics = metrics
-        self._num_tokens = 0
-        self._last_token_at: float | None = None
+        self._is_started = False
+        self._num_tokens: dict[int, int] = {}  # per choice
+        self._last_token_at: dict[int, float] = {}
 
     def observe(self, output: RequestOutput) -> None:
         now = time.time()
-        num_tokens = sum(len(c.token_ids) for c in output.outputs)
-        new = num_tokens - self._num_tokens
-        if new <= 0:
-            return
         model = self._metrics._model
-        if self._last_token_at is None:
-            self._metrics.time_to_first_token.labels(model).observe(now - output.arrival_time)
-        else:
-            gap = (now - self._last_token_at) / new  # tokens that arrived together share the gap
-            for _ in range(new):
-                self._metrics.inter_token_latency.labels(model).observe(gap)
-        self._num_tokens, self._last_token_at = num_tokens, now
+        for choice in output.outputs:
+            new = len(choice.token_ids) - self._num_tokens.get(choice.index, 0)
+            if new <= 0:
+                continue
+            if not self._is_started:
+                self._is_started = True
+                self._metrics.time_to_first_token.labels(model).observe(now - output.arrival_time)
+            last = self._last_token_at.get(choice.index)
+            if last is not None:
+                gap = (now - last) / new  # tokens of one choice that arrived together share the gap
+                for _ in range(new):
+                    self._metrics.inter_token_latency.labels(model).observe(gap)
+            self._num_tokens[choice.index] = len(choice.token_ids)
+            self._last_token_at[choice.index] = now
 
     def finish(self, output: RequestOutput | None, reason: str) -> None:
         """Record the outcome: a finish reason, "abort" or "error"."""

@@ -8,6 +8,7 @@ the engine → a response Struct, or server-sent events when `stream` is set.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -18,10 +19,12 @@ from litestar.params import JSONBody
 from litestar import Request, get, post
 from litestar.response import ServerSentEvent
 
+from engine.async_engine import AsyncEngine
 from engine.openai_format import (Endpoint, ParsedRequest, TokenTexts, chat_completion, parse_request,
                                   prompt_token_ids, sampling_params, text_completion)
 from serving.errors import ERROR_RESPONSES, RequestError, error_body
-from serving.generation import final_outputs, stream_requests, unless_disconnected
+from serving.generation import (SSE_HEADERS, check_engine_accepts, final_outputs, stream_requests,
+                                unless_disconnected)
 from serving.openai_stream import ChunkWriter
 from serving.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                              CompletionRequest, ModelCard, ModelList)
@@ -29,8 +32,6 @@ from serving.state import Admission, ServerState
 
 # The content type is set here because Litestar prefers the handler's media type
 # (JSON, from the return annotation) to the one ServerSentEvent carries.
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
 
 @get("/v1/models", summary="The models this server serves", responses=ERROR_RESPONSES)
@@ -63,9 +64,12 @@ async def _complete(http_request: Request, server: ServerState, endpoint: Endpoi
     request = parse_request(endpoint, msgspec.to_builtins(data))
     server.check_model(request.model)
     vocab_size = core.loaded.config.vocab_size
-    prompts = prompt_token_ids(request, core.tokenizer, vocab_size=vocab_size)
+    # Tokenising a long prompt (or rendering a chat template) takes a while:
+    # off the event loop, so other streams and the probes keep going.
+    prompts = await asyncio.to_thread(prompt_token_ids, request, core.tokenizer, vocab_size=vocab_size)
     params = [sampling_params(request, num_prompt_tokens=len(ids), max_model_len=core.max_model_len,
                               vocab_size=vocab_size) for ids in prompts]
+    check_engine_accepts(core, prompts, params, param=request.prompt_param)
     prefix = "chatcmpl" if endpoint is Endpoint.CHAT else "cmpl"
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -78,8 +82,8 @@ async def _complete(http_request: Request, server: ServerState, endpoint: Endpoi
         admission = server.admit(num_seqs)  # a 429 now, before the 200 of the stream; released by it
         writer = ChunkWriter(request, response_id=response_id, created=created, model=server.config.model_name,
                              token_text=token_text, prompt_texts=prompt_texts)
-        events = _events(server, request, writer, response_id, prompts, params, admission)
-        return ServerSentEvent(events, headers=_SSE_HEADERS)
+        events = _events(server, engine, request, writer, response_id, prompts, params, admission)
+        return ServerSentEvent(events, headers=SSE_HEADERS)
     with server.admitted(num_seqs):
         finals = await unless_disconnected(
             http_request, final_outputs(engine, server.metrics, response_id, prompts, params))
@@ -92,8 +96,8 @@ async def _complete(http_request: Request, server: ServerState, endpoint: Endpoi
     return msgspec.convert(body, Completion)
 
 
-async def _events(server: ServerState, request: ParsedRequest, writer: ChunkWriter, response_id: str,
-                  prompts, params, admission: Admission) -> AsyncIterator[str]:
+async def _events(server: ServerState, engine: AsyncEngine, request: ParsedRequest, writer: ChunkWriter,
+                  response_id: str, prompts, params, admission: Admission) -> AsyncIterator[str]:
     """The SSE data lines of a streamed request, ending in [DONE].
 
     An error after the stream started cannot change the status code any
@@ -103,7 +107,7 @@ async def _events(server: ServerState, request: ParsedRequest, writer: ChunkWrit
     finals = [None] * len(prompts)
     try:
         with admission:
-            stream = stream_requests(server.ready_engine(), server.metrics, response_id, prompts, params)
+            stream = stream_requests(engine, server.metrics, response_id, prompts, params)
             try:
                 async for index, output in stream:
                     finals[index] = output

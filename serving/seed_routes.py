@@ -15,6 +15,7 @@ other levels get a 400 and `act_stability_score` is null.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import AsyncIterator
@@ -25,11 +26,13 @@ from litestar.params import JSONBody
 from litestar import Request, get, post
 from litestar.response import ServerSentEvent
 
+from engine.async_engine import AsyncEngine
 from engine.llm_engine import RequestOutput
 from engine.openai_format import Endpoint, parse_request, prompt_token_ids
 from engine.sampling import SamplingParams
-from serving.errors import ERROR_RESPONSES, ApiError, RequestError, error_body
-from serving.generation import final_outputs, stream_requests, unless_disconnected
+from serving.errors import ERROR_RESPONSES, RequestError, error_body
+from serving.generation import (SSE_HEADERS, check_engine_accepts, final_outputs, stream_requests,
+                                unless_disconnected)
 from serving.schemas import (AssistantMessage, SeedChatDelta, SeedChatRequest, SeedChatResponse,
                              SeedGenerateRequest, SeedGenerateResponse, SeedModel, SeedModelList)
 from serving.state import PRECISION_LEVELS, Admission, ServerState
@@ -37,7 +40,6 @@ from serving.state import PRECISION_LEVELS, Admission, ServerState
 _DEFAULT_CHAT_MAX_LENGTH = 512
 # The content type is set here because Litestar prefers the handler's media type
 # (JSON, from the return annotation) to the one ServerSentEvent carries.
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 
 @get("/models", summary="Seed API: the served model", responses=ERROR_RESPONSES)
@@ -53,10 +55,11 @@ async def seed_models(server: NamedDependency[ServerState]) -> SeedModelList:
 async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
                         server: NamedDependency[ServerState]) -> SeedGenerateResponse:
     core = server.engine_core
-    prompt_ids = core.tokenizer.encode(data.prompt)
+    prompt_ids = await asyncio.to_thread(core.tokenizer.encode, data.prompt)  # off the event loop
     if not prompt_ids:
         raise RequestError("the prompt is empty", param="prompt")
     params = _params(server, data, len(prompt_ids), data.max_length)
+    check_engine_accepts(core, [prompt_ids], [params], param="prompt")
     output = await _generate(request, server, prompt_ids, params)
     choice = output.outputs[0]
     return SeedGenerateResponse(generated_text=choice.text, tokens_generated=len(choice.token_ids),
@@ -71,14 +74,23 @@ async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
     core = server.engine_core
     server.check_model(data.model)
     parsed = parse_request(Endpoint.CHAT, {"messages": msgspec.to_builtins(data.messages)})
-    prompt_ids = prompt_token_ids(parsed, core.tokenizer, vocab_size=core.loaded.config.vocab_size)[0]
+    prompt_ids = (await asyncio.to_thread(prompt_token_ids, parsed, core.tokenizer,
+                                          vocab_size=core.loaded.config.vocab_size))[0]
     max_length = data.max_length
     if max_length is None:
-        max_length = max(1, min(_DEFAULT_CHAT_MAX_LENGTH, core.max_model_len - len(prompt_ids)))
+        room = core.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise RequestError(f"this model's maximum context length is {core.max_model_len} tokens; the "
+                               f"messages take {len(prompt_ids)}", param="messages",
+                               code="context_length_exceeded")
+        max_length = min(_DEFAULT_CHAT_MAX_LENGTH, room)
     params = _params(server, data, len(prompt_ids), max_length)
+    check_engine_accepts(core, [prompt_ids], [params], param="messages")
     if data.stream:
+        engine = server.ready_engine()
         admission = server.admit(1)  # now, not when the body starts: see ServerState.admit
-        return ServerSentEvent(_chat_events(server, admission, prompt_ids, params), headers=_SSE_HEADERS)
+        events = _chat_events(server, engine, admission, prompt_ids, params)
+        return ServerSentEvent(events, headers=SSE_HEADERS)
     return _chat_response(server, await _generate(request, server, prompt_ids, params))
 
 
@@ -117,12 +129,12 @@ def _chat_response(server: ServerState, output: RequestOutput) -> SeedChatRespon
                             act_stability_score=None, finish_reason=choice.finish_reason)
 
 
-async def _chat_events(server: ServerState, admission: Admission, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[str]:
+async def _chat_events(server: ServerState, engine: AsyncEngine, admission: Admission,
+                       prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
     sent = 0
     try:
         with admission:
-            stream = stream_requests(server.ready_engine(), server.metrics, f"seed-{uuid.uuid4().hex}",
+            stream = stream_requests(engine, server.metrics, f"seed-{uuid.uuid4().hex}",
                                      [prompt_ids], [params])
             try:
                 async for _, output in stream:
@@ -134,7 +146,7 @@ async def _chat_events(server: ServerState, admission: Admission, prompt_ids: li
                         yield msgspec.json.encode(_chat_response(server, output)).decode()
             finally:
                 await stream.aclose()
-    except (RequestError, ApiError) as e:
+    except RequestError as e:
         yield msgspec.json.encode(error_body(e.message, status_code=e.status_code, code=e.code,
                                              param=e.param)).decode()
     yield "[DONE]"

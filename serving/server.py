@@ -107,6 +107,7 @@ class _DrainingServer(uvicorn.Server):
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._is_draining = False
+        self._drain_task: asyncio.Future | None = None
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -120,13 +121,16 @@ class _DrainingServer(uvicorn.Server):
             return
         self._is_draining = True
         self.state.is_draining = True
-        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())  # a reference keeps the task alive
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.state.config.drain_timeout
-        log.info("draining: %d requests in flight", self.state.num_open_requests)
-        while self.state.num_open_requests and time.monotonic() < deadline:
+        log.info("draining: %d requests in flight", self.state.num_admitted_requests)
+        while self.state.num_admitted_requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.state.num_open_requests:
-            log.warning("drain timeout: %d requests still in flight", self.state.num_open_requests)
+        if self.state.num_admitted_requests:
+            log.warning("drain timeout: %d requests still in flight", self.state.num_admitted_requests)
         self.should_exit = True

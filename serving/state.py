@@ -14,7 +14,6 @@ import logging
 import threading
 from typing import Callable, Iterator
 
-from checkpoints.tokenizer import Tokenizer
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import EngineStats, LLMEngine
 from serving.errors import ApiError
@@ -43,6 +42,8 @@ class ServeConfig:
         if self.precision not in PRECISION_LEVELS:
             raise ValueError(f"precision {self.precision!r} is not available yet; levels: "
                              f"{', '.join(PRECISION_LEVELS)}")
+        if any(not key.strip() for key in self.api_keys):
+            raise ValueError("an API key must not be empty")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
 
@@ -57,7 +58,7 @@ class ServerState:
         self.load_error: Exception | None = None
         self.is_draining = False
         self.num_in_flight_seqs = 0  # admitted sequences not yet finished
-        self.num_open_requests = 0  # HTTP requests being served (streams included)
+        self.num_admitted_requests = 0  # generation requests admitted and not yet done (what a drain waits for)
         self.metrics = ServingMetrics(model_name=config.model_name, stats=self.stats)
         self._loader: threading.Thread | None = None
 
@@ -106,10 +107,6 @@ class ServerState:
     def engine_core(self) -> LLMEngine:
         return self.ready_engine().engine
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.engine_core.tokenizer
-
     def check_model(self, model: str | None) -> None:
         """A 404 for a model this server does not serve (no model: the served one)."""
         if model is not None and model != self.config.model_name:
@@ -138,7 +135,7 @@ class ServerState:
         """
         self.check_capacity(num_seqs)
         self.num_in_flight_seqs += num_seqs
-        self.num_open_requests += 1
+        self.num_admitted_requests += 1
         return Admission(self, num_seqs)
 
     @contextlib.contextmanager
@@ -161,7 +158,7 @@ class Admission:
             return
         self._is_released = True
         self._state.num_in_flight_seqs -= self._num_seqs
-        self._state.num_open_requests -= 1
+        self._state.num_admitted_requests -= 1
 
     def __enter__(self) -> "Admission":
         return self

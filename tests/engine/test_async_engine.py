@@ -81,3 +81,31 @@ def test_shutdown_rejects_new_requests(tiny_loaded):
             await _collect(engine, "late", [1, 2, 3])
 
     asyncio.run(main())
+
+
+def test_a_caller_bug_fails_its_request_only(engines, tiny_loaded):
+    # Token ids that are not integers make the engine's own checks raise a
+    # TypeError, not a refusal: that request fails, the engine thread lives on.
+    async def main():
+        with pytest.raises(RuntimeError, match="cannot add the request"):
+            await _collect(engines, "bad", ["not", "ids"])
+        return await _collect(engines, "fine", tiny_loaded.tokenizer.encode("ok"))
+
+    assert asyncio.run(main())[-1].finished
+    assert engines.is_running
+
+
+def test_shutdown_fails_the_requests_in_flight(tiny_loaded):
+    engine = AsyncEngine(LLMEngine(tiny_loaded, EngineConfig(max_model_len=256)))
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        stream = engine.generate("long", tiny_loaded.tokenizer.encode("Once upon a time"), long)
+        await stream.__anext__()  # running
+        engine.shutdown(timeout=30)
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+
+    asyncio.run(main())
+    assert not engine.is_running

@@ -363,7 +363,7 @@ def test_admission_dropped_unused_gives_its_seats_back(single_server):
     with sdk(single_server) as client, pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     del admission  # a body that never started: nothing runs its `with`
-    assert (state.num_in_flight_seqs, state.num_open_requests) == (0, 0)
+    assert (state.num_in_flight_seqs, state.num_admitted_requests) == (0, 0)
     assert_serves(single_server)
 
 
