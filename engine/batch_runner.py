@@ -1,5 +1,5 @@
 """Runs one scheduled step on the device: packs it into padded arrays, calls
-the compiled step (forward + sampling), returns what each sequence got.
+the compiled forward, then the compiled sampler, returns what each sequence got.
 
 Where host and device meet (STYLE.md habit 2). Decodes and prompt chunks
 run as separate compiled calls, each padded to bucketed shapes:
@@ -13,8 +13,11 @@ run as separate compiled calls, each padded to bucketed shapes:
   attention reads about as many pages as the longest context in the call.
 
 So the set of programs is bounded and `warmup` can compile all of them.
-The KV cache lives here and is donated to every call, so XLA updates it in
-place.
+The sampler is a program of its own, compiled per B only: inside every
+(B, T, P) forward program it made up three quarters of the machine code,
+and XLA:CPU maps each kernel's code separately, so ~200 such programs ran
+into Linux's limit of 65530 memory mappings per process. The KV cache lives
+here and is donated to every call, so XLA updates it in place.
 """
 
 from __future__ import annotations
@@ -132,11 +135,12 @@ class BatchRunner:
         wants_prompt_logprobs = not is_decode and any(
             c.seq.params.prompt_logprobs is not None for c in chunks)
         buffer, layout = pack((token_ids, positions, tables, is_valid, arrays, next_ids))
-        sample, prompt, self.kv = self._step(
-            layout, self.state, self.kv, buffer,
-            # Static: a batch without logprobs skips the log-softmax.
-            num_top_logprobs=MAX_LOGPROBS if wants_logprobs else 0,
-            with_prompt_logprobs=wants_prompt_logprobs)
+        logits_bv, sampling, prompt, self.kv = self._step(layout, self.state, self.kv, buffer,
+                                                         with_prompt_logprobs=wants_prompt_logprobs)
+        # Static: a batch without logprobs skips the log-softmax.
+        num_top_logprobs = MAX_LOGPROBS if wants_logprobs else 0
+        sample = sample_tokens(logits_bv, sampling, num_top_logprobs=num_top_logprobs,
+                               with_logprobs=num_top_logprobs > 0)
         return self._unpack(chunks, sample, prompt)
 
     def _sampling_row(self, chunk: ScheduledChunk) -> SamplingRow:
@@ -180,14 +184,19 @@ class BatchRunner:
     def warmup(self) -> int:
         """Compile every bucketed program (greedy, no logprobs); returns how many."""
         shapes = self.bucket_shapes()
+        sampled_batches = set()
         for b, t, p in shapes:
             arrays = pack_sampling([SamplingRow(params=_WARMUP_PARAMS, seed=0, position=0)],
                                    vocab_size=self.config.vocab_size, batch_size=b)
             zeros = np.zeros((b, t), np.int32)
             buffer, layout = pack((zeros, zeros, np.zeros((b, p), np.int32), np.zeros((b, t), bool),
                                    arrays, zeros))
-            _, _, self.kv = self._step(layout, self.state, self.kv, buffer,
-                                       num_top_logprobs=0, with_prompt_logprobs=False)
+            logits_bv, sampling, _, self.kv = self._step(layout, self.state, self.kv, buffer,
+                                                        with_prompt_logprobs=False)
+            if b not in sampled_batches:  # the sampler's shapes depend on B alone
+                sampled_batches.add(b)
+                jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0,
+                                                   with_logprobs=False))
         jax.block_until_ready(self.kv)
         return len(shapes)
 
@@ -197,27 +206,26 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2 ** i for i in range(limit.bit_length())]
 
 
-def _step(graphdef, layout: Layout, state, kv, buffer_n, *, num_top_logprobs: int,
-          with_prompt_logprobs: bool):
-    """Forward over the paged cache, then sample at each row's last valid token."""
+def _step(graphdef, layout: Layout, state, kv, buffer_n, *, with_prompt_logprobs: bool):
+    """Forward over the paged cache: logits `[B, V]` at each row's last valid
+    token, the sampling arrays (unpacked here, so they cross to the device in
+    the one buffer), prompt logprobs when asked, the updated cache."""
     token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, sampling, next_ids_bt = unpack(buffer_n, layout)
     model = nnx.merge(graphdef, state)
     hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt)
     last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)
     hidden_bd = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0]
-    sample = sample_tokens(model.logits(hidden_bd), sampling, num_top_logprobs=num_top_logprobs,
-                           with_logprobs=num_top_logprobs > 0)
     prompt = None
     if with_prompt_logprobs:
         logprobs_btv = numerics.log_softmax(model.logits(hidden_btd))
         next_logprob_bt = jnp.take_along_axis(logprobs_btv, next_ids_bt[..., None], axis=-1)[..., 0]
         top_logprobs_btk, top_ids_btk = jax.lax.top_k(logprobs_btv, MAX_LOGPROBS)
         prompt = (next_logprob_bt, top_ids_btk, top_logprobs_btk)
-    return sample, prompt, kv
+    return model.logits(hidden_bd), sampling, prompt, kv
 
 
 # The graph definition and the input layout are static (hashable): every
 # runner of the same architecture shares compiled programs, and weights stay
 # arguments. All other inputs arrive packed in one buffer (one transfer).
 _compiled_step = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3,),
-                         static_argnames=("num_top_logprobs", "with_prompt_logprobs"))
+                         static_argnames=("with_prompt_logprobs",))

@@ -12,6 +12,7 @@ from engine import batch_runner
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.model_runner import ModelRunner
+from engine.sampler import sample_tokens
 from engine.sampling import SamplingParams
 from model.kv_cache import KVCache
 
@@ -81,6 +82,7 @@ def test_nothing_compiles_after_warmup(tiny_loaded):
                                                  max_model_len=96, warmup=True))
     compiled = batch_runner._compiled_step._cache_size()
     assert compiled >= len(engine.runner.bucket_shapes())
+    compiled_samplers = sample_tokens._cache_size()
     tokenizer = tiny_loaded.tokenizer
     prompts = ["hi", "a somewhat longer prompt " * 3, "word " * 40, "x"]
     params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
@@ -92,3 +94,4 @@ def test_nothing_compiles_after_warmup(tiny_loaded):
     while engine.has_unfinished_requests():
         engine.step()
     assert batch_runner._compiled_step._cache_size() == compiled
+    assert sample_tokens._cache_size() == compiled_samplers
