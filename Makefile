@@ -28,5 +28,9 @@ test: install-test
 	$(BIN)/python -m pytest -q
 
 # The OpenAI-compatible server on the default model, at http://127.0.0.1:8000.
+# --no-warmup: on a 2-core machine compiling every bucketed program first
+# takes ~10 minutes; without it the server is ready in seconds and each new
+# shape compiles on first use. Servers in production keep the warm-up.
+SERVE_ARGS ?= --no-warmup
 run: install
 	$(BIN)/balansis serve $(SERVE_ARGS)

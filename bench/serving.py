@@ -1,0 +1,164 @@
+"""Online serving: concurrent streaming clients against an OpenAI-compatible server.
+
+    python -m bench.serving                          # starts `balansis serve` on the default model
+    python -m bench.serving --url http://host:8080/v1 --model NAME   # any OpenAI-compatible server
+
+For each concurrency C (default 1, 16, 64), C clients each stream `--requests-per-client`
+chat completions of exactly `--max-tokens` tokens (`ignore_eos`, greedy) through the
+official `openai` SDK, one after the other. Measured per request at the client: time to
+first token, inter-token latency (between content chunks), end-to-end latency; per level:
+output tokens per second over the level's wall time. A warm-up request per level runs
+first, so compile time is not counted. Results go to
+`bench/results/serving-<UTC timestamp>.json`; a table is printed.
+
+Peers: any OpenAI-compatible URL (`--url`) runs the same load; llama.cpp's `llama-server`
+figures on this machine type are in shared/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PROMPTS = ["Tell me a story about a lighthouse keeper.", "Explain how rain forms.",
+           "Describe a walk through a forest in autumn.", "Write about the history of bread.",
+           "What makes a good friend?", "Describe the sea at night.", "How do bees make honey?",
+           "Write a letter to a future city."]
+
+
+async def _one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    first, last, gaps, num_tokens = None, None, [], 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            num_tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = now
+            else:
+                gaps.append(now - last)
+            last = now
+    ended = time.perf_counter()
+    return {"ttft_s": (first or ended) - started, "e2e_s": ended - started, "gaps_s": gaps,
+            "completion_tokens": num_tokens}
+
+
+async def _level(url: str, model: str, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
+                                  max_retries=0, timeout=3600) as client:
+        await _one_request(client, model, PROMPTS[0], max_tokens)  # warm-up: compiles this level's shapes
+
+        async def client_loop(i: int) -> list[dict]:
+            return [await _one_request(client, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens)
+                    for j in range(requests_per_client)]
+
+        started = time.perf_counter()
+        per_client = await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
+        wall = time.perf_counter() - started
+    requests = [r for rs in per_client for r in rs]
+    gaps = sorted(g for r in requests for g in r["gaps_s"])
+    ttfts = sorted(r["ttft_s"] for r in requests)
+    total_tokens = sum(r["completion_tokens"] for r in requests)
+
+    def pct(values, q):
+        return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+    return {"concurrency": concurrency, "requests": len(requests), "output_tokens": total_tokens,
+            "wall_s": wall, "output_tok_per_s": total_tokens / wall,
+            "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99),
+            "itl_p50_s": pct(gaps, 0.5), "itl_p99_s": pct(gaps, 0.99),
+            "e2e_mean_s": statistics.mean(r["e2e_s"] for r in requests)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(args) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    command = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--no-access-log",
+               "--log-level", "warning", "--max-num-seqs", str(max(args.concurrency))]
+    if args.server_model:
+        command += ["--model", args.server_model]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 1800  # warm-up compiles every bucket
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return process, url + "/v1"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit("the server did not become ready")
+
+
+def main(args: argparse.Namespace) -> int:
+    process = None
+    url, model = args.url, args.model
+    if url is None:
+        process, url = _start_server(args)
+    try:
+        if model is None:
+            import openai
+
+            model = openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id
+        levels = [asyncio.run(_level(url, model, c, args.requests_per_client, args.max_tokens))
+                  for c in args.concurrency]
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=120)
+    report = {"benchmark": "serving", "url": url if args.url else "balansis serve (started here)",
+              "model": model, "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
+              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "levels": levels}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"serving-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print("| concurrency | requests | output tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in levels:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['output_tok_per_s']:.1f} | {r['ttft_p50_s']:.2f} | "
+              f"{r['ttft_p99_s']:.2f} | {r['itl_p50_s'] * 1000:.1f} | {r['itl_p99_s'] * 1000:.1f} |")
+    print(f"\n{path}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="an OpenAI-compatible base URL (default: start balansis serve)")
+    parser.add_argument("--model", default=None, help="model name to send (default: the server's first)")
+    parser.add_argument("--server-model", default=None, help="--model of the started server (default model)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--requests-per-client", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=128)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
