@@ -67,15 +67,15 @@ def build_decoder(cfg: DecoderConfig, names: Iterable[str], read: TensorReader, 
     D, V = cfg.hidden_size, cfg.vocab_size
     model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     for name, value in weights.items():
-        _assign(getattr(model.layers, name), value)
-    _assign(model.embed_tokens, jnp.asarray(fetch("model.embed_tokens.weight", (V, D)), dtype))
-    _assign(model.final_norm, jnp.asarray(fetch("model.norm.weight", (D,)), dtype))
+        assign_value(getattr(model.layers, name), value)
+    assign_value(model.embed_tokens, jnp.asarray(fetch("model.embed_tokens.weight", (V, D)), dtype))
+    assign_value(model.final_norm, jnp.asarray(fetch("model.norm.weight", (D,)), dtype))
     if not cfg.tie_word_embeddings:
-        _assign(model.lm_head, jnp.asarray(fetch("lm_head.weight", (V, D)).T, dtype))
+        assign_value(model.lm_head, jnp.asarray(fetch("lm_head.weight", (V, D)).T, dtype))
     return model
 
 
-def _assign(variable: nnx.Variable, value: jax.Array) -> None:
+def assign_value(variable: nnx.Variable, value: jax.Array) -> None:
     # flax >= 0.12 deprecates the `.value` setter in favour of `set_value`.
     if hasattr(variable, "set_value"):
         variable.set_value(value)

@@ -51,8 +51,12 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._hf.chat_template
 
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, *, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        """Token ids of `text`; with max_length, cut to that many (special tokens kept)."""
+        if max_length is None:
+            return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens, truncation=True,
+                                    max_length=max_length))
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
