@@ -106,8 +106,9 @@ def read_pooling(folder: Path) -> PoolingConfig:
         others = [key for key, value in settings.items() if key.startswith("pooling_mode") and value
                   and key not in _POOLING_MODES]
         if len(chosen) != 1 or others:
+            asked = sorted(k for k, v in settings.items() if k.startswith("pooling_mode") and v)
             raise CheckpointError(f"{pooling_path}: exactly one of mean, cls, max or last-token pooling is "
-                                  f"supported, got {sorted(k for k, v in settings.items() if k.startswith('pooling_mode') and v)}")
+                                  f"supported, got {asked}")
         mode = chosen[0]
     return PoolingConfig(mode=mode, normalize="Normalize" in kinds)
 
@@ -129,7 +130,8 @@ def _build(cfg: EncoderConfig, folder: Path, dtype) -> BertEncoder:
 
     model = BertEncoder(cfg, dtype=dtype)
     D = cfg.hidden_size
-    embedding_shapes = {"word_embeddings": (cfg.vocab_size, D), "position_embeddings": (cfg.max_position_embeddings, D),
+    embedding_shapes = {"word_embeddings": (cfg.vocab_size, D),
+                        "position_embeddings": (cfg.max_position_embeddings, D),
                         "token_type_embeddings": (cfg.type_vocab_size, D), "embedding_norm": (D,),
                         "embedding_norm_bias": (D,)}
     for ours, hf_name in _EMBEDDING_SOURCES.items():

@@ -70,8 +70,10 @@ class EncoderConfig:
         try:
             return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
                        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-                       num_heads=hf["num_attention_heads"], max_position_embeddings=hf["max_position_embeddings"],
-                       type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+                       num_heads=hf["num_attention_heads"],
+                       max_position_embeddings=hf["max_position_embeddings"],
+                       type_vocab_size=hf.get("type_vocab_size", 2),
+                       layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
                        pad_token_id=hf.get("pad_token_id") or 0)
         except KeyError as e:
             raise ConfigError(f"config.json lacks {e.args[0]!r}") from None
