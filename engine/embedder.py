@@ -2,9 +2,12 @@
 attention-masked; no KV cache.
 
 Inputs are sorted by length and cut into batches of at most `max_batch_size`
-rows, each padded to a power-of-two number of rows and of tokens (at least
-MIN_TOKENS), so a bounded set of programs compiles. Padding rows and
-positions are masked out of attention and pooling.
+rows, each padded to a power-of-two number of rows and to a multiple of
+TOKEN_STEP tokens, so a bounded set of programs compiles (max_length /
+TOKEN_STEP token counts per row count). Multiples rather than powers of two:
+on 256 sentences of 5–120 tokens, power-of-two lengths padded so much that
+embedding took 4.8 s instead of 3.5 s. Padding rows and positions are
+masked out of attention and pooling.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from checkpoints.encoder_dir import LoadedEncoder
 from engine.model_runner import bucket
 from model.pooling import PoolingConfig, pool
 
-MIN_TOKENS = 16  # short inputs share one program
+TOKEN_STEP = 16  # token counts are padded to a multiple of this
 
 
 class Embedder:
@@ -61,8 +64,8 @@ class Embedder:
             rows = order[start:start + self.max_batch_size]
             b = bucket(len(rows))
             # The last bucket stops at the position table's size, a power of two or not.
-            t = min(bucket(max(len(token_ids[i]) for i in rows), minimum=MIN_TOKENS),
-                    self.loaded.config.max_position_embeddings)
+            longest = max(len(token_ids[i]) for i in rows)
+            t = min(-(-longest // TOKEN_STEP) * TOKEN_STEP, self.loaded.config.max_position_embeddings)
             ids_bt = np.zeros((b, t), np.int32)
             valid_bt = np.zeros((b, t), bool)
             for r, i in enumerate(rows):
