@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from engine.openai_format import RequestError
+from engine.openai_format import RequestError, text_or_token_inputs
 
 _FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user", "truncate_prompt_tokens"})
 
@@ -60,8 +60,8 @@ def parse_embeddings_request(body: Any) -> EmbeddingsRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", param="model")
-    return EmbeddingsRequest(model=model, inputs=_inputs(body.get("input")), encoding_format=encoding_format,
-                             dimensions=dimensions, truncate_to=truncate_to)
+    return EmbeddingsRequest(model=model, inputs=text_or_token_inputs(body.get("input"), param="input"),
+                             encoding_format=encoding_format, dimensions=dimensions, truncate_to=truncate_to)
 
 
 def check_dimensions(request: EmbeddingsRequest, model_dimensions: int) -> None:
@@ -84,23 +84,6 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
     return vector.tolist()
-
-
-def _inputs(value: Any) -> tuple[str | tuple[int, ...], ...]:
-    def is_ids(x):
-        return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-    if isinstance(value, str):
-        return (value,)
-    if is_ids(value):
-        return (tuple(value),)
-    if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
-        return tuple(value)
-    if isinstance(value, list) and value and all(is_ids(x) for x in value):
-        return tuple(tuple(x) for x in value)
-    raise RequestError("input must be a string, a list of strings, a list of token ids or a list of token "
-                       "id lists, and not empty", param="input",
-                       code="missing_required_parameter" if value is None else "invalid_value")
 
 
 def input_token_ids(request: EmbeddingsRequest, embedder) -> list[list[int]]:

@@ -150,7 +150,7 @@ def parse_request(endpoint: Endpoint, body: Any) -> ParsedRequest:
         else:
             num_logprobs = None
     else:
-        messages, prompts = None, _prompts(body.get("prompt"))
+        messages, prompts = None, text_or_token_inputs(body.get("prompt"), param="prompt")
         num_logprobs = body.get("logprobs")
     if num_logprobs is not None and (isinstance(num_logprobs, bool) or not isinstance(num_logprobs, int)):
         param = "top_logprobs" if is_chat else "logprobs"
@@ -409,7 +409,9 @@ def _content(value, where: str) -> str:
     raise RequestError(f"{where} must be a string or a list of text parts", param=where)
 
 
-def _prompts(value) -> tuple[str | tuple[int, ...], ...]:
+def text_or_token_inputs(value, *, param: str) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's four input forms (completions' `prompt`, embeddings' `input`): a string,
+    a list of strings, a list of token ids, or a list of token id lists; never empty."""
     def is_ids(x):
         return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
@@ -421,6 +423,6 @@ def _prompts(value) -> tuple[str | tuple[int, ...], ...]:
         return tuple(value)
     if isinstance(value, list) and value and all(is_ids(p) for p in value):
         return tuple(tuple(p) for p in value)
-    raise RequestError("prompt must be a string, a list of strings, a list of token ids or a list of "
-                       "token id lists", param="prompt",
+    raise RequestError(f"{param} must be a string, a list of strings, a list of token ids or a list of "
+                       "token id lists", param=param,
                        code="missing_required_parameter" if value is None else "invalid_value")

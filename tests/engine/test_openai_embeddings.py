@@ -32,7 +32,8 @@ def test_the_four_input_forms(value, expected):
 
 @pytest.mark.parametrize("body, param", [
     ({}, "input"), ({"input": []}, "input"), ({"input": ["a", 1]}, "input"), ({"input": [[1], "a"]}, "input"),
-    ({"input": "a", "encoding_format": "int8"}, "encoding_format"), ({"input": "a", "dimensions": 0}, "dimensions"),
+    ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "a", "dimensions": 0}, "dimensions"),
     ({"input": "a", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"), ({"input": "a", "foo": 1}, "foo")])
 def test_bad_bodies_name_the_parameter(body, param):
     with pytest.raises(RequestError) as info:
