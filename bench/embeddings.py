@@ -13,9 +13,7 @@ a table is printed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -23,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from bench.results_file import write_report
+
 _WORDS = ("the model maps every sentence to a vector so that similar meanings land close together "
           "while unrelated texts end up far apart in the space").split()
 
@@ -71,10 +70,7 @@ def main(args: argparse.Namespace) -> int:
               "balansis": {"seconds": ours_s, "sentences_per_s": len(texts) / ours_s},
               "sentence_transformers": {"seconds": theirs_s, "sentences_per_s": len(texts) / theirs_s},
               "ratio": theirs_s / ours_s, "max_abs_difference": max_diff}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"embeddings-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report("embeddings", report)
     print("| system | sentences/s | seconds |")
     print("|---|---|---|")
     print(f"| balansis | {len(texts) / ours_s:.1f} | {ours_s:.2f} |")

@@ -13,17 +13,15 @@ checks that both keep exactly the same tokens. Results go to
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from bench.results_file import write_report
+
 SETTINGS = ((0.7, 0.9), (1.0, 0.9), (1.0, 0.95))  # (temperature, top_p)
 
 
@@ -89,10 +87,8 @@ def main(num_prompts: int = 64) -> dict:
     report = {"benchmark": "sampler_truncation", "rows": b, "vocab_size": int(logits_bv.shape[-1]),
               "tiers": list(sampler.TRUNCATION_TIERS), "cpus": os.cpu_count(), "jax": jax.__version__,
               "backend": jax.default_backend(), "load_average": os.getloadavg(), "results": results}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS_DIR / f"sampler_truncation-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"| temperature | top_p | tiers ms | full sort ms | speed-up | same tokens | nucleus median / max |")
+    write_report("sampler_truncation", report)
+    print("| temperature | top_p | tiers ms | full sort ms | speed-up | same tokens | nucleus median / max |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['temperature']} | {r['top_p']} | {r['tiers_ms']:.1f} | {r['full_sort_ms']:.1f} | "

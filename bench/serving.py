@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from bench.results_file import write_report
+
 PROMPTS = ["Tell me a story about a lighthouse keeper.", "Explain how rain forms.",
            "Describe a walk through a forest in autumn.", "Write about the history of bread.",
            "What makes a good friend?", "Describe the sea at night.", "How do bees make honey?",
@@ -135,10 +133,7 @@ def main(args: argparse.Namespace) -> int:
     report = {"benchmark": "serving", "url": url if args.url else "balansis serve (started here)",
               "model": model, "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
               "cpus": os.cpu_count(), "load_average": os.getloadavg(), "levels": levels}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"serving-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report("serving", report)
     print("| concurrency | requests | output tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for r in levels:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -41,7 +40,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from bench.results_file import RESULTS_DIR, write_report
 
 # Short, varied prompts: subjects × instructions, cycled. Plain text (no
 # chat template), a handful of tokens each, like the peers in DESIGN.md.
@@ -275,12 +274,8 @@ def format_table(results: list[RunResult], ratio: float | None) -> str:
 
 
 def write_results(report: dict, results_dir: Path = RESULTS_DIR) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = results_dir / f"throughput-{stamp}.json"
-    text = json.dumps(report, indent=2) + "\n"
-    path.write_text(text)
-    (results_dir / "throughput-latest.json").write_text(text)
+    path = write_report("throughput", report, results_dir)
+    (results_dir / "throughput-latest.json").write_text(path.read_text())
     return path
 
 

@@ -12,11 +12,9 @@ masked out of attention and pooling.
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

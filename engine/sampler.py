@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.model_runner import bucket
-from engine.sampling import MAX_LOGPROBS, NUM_SEEDS, SamplingParams, checked_integer
+from engine.sampling import NUM_SEEDS, SamplingParams, checked_integer
 from model import numerics
 
 
