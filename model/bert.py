@@ -126,8 +126,8 @@ class BertEncoder(nnx.Module):
         self.embedding_norm_bias = nnx.Param(jnp.zeros((D,), dtype))
         self.layers = EncoderLayers(cfg, dtype=dtype)
 
-    def __call__(self, token_ids_bt: jax.Array, is_valid_bt: jax.Array,
-                 token_type_ids_bt: jax.Array | None = None) -> jax.Array:
+    def hidden_states(self, token_ids_bt: jax.Array, is_valid_bt: jax.Array,
+                      token_type_ids_bt: jax.Array | None = None) -> jax.Array:
         """Hidden states `[B, T, D]` of B sequences padded to T tokens.
 
         Positions count from 0 in each row (padding is on the right).

@@ -121,22 +121,51 @@ class LlamaForCausalLM(nnx.Module):
             x_btd, k_cache, v_cache = carry
             w, layer = layer_in
             h_btd = rms_norm(x_btd, w["input_norm"], cfg.rms_norm_eps)
-            attn_btd, k_cache, v_cache = self._attention(
-                h_btd, w, layer, k_cache, v_cache, positions_bt, inv_freq_h,
-                page_bt, slot_bt, block_tables_bp, is_visible_bts)
-            x_btd = x_btd + attn_btd
-            h_btd = rms_norm(x_btd, w["post_attention_norm"], cfg.rms_norm_eps)
-            gate_btf = h_btd @ w["gate_proj"]
-            x_btd = x_btd + (jax.nn.silu(gate_btf) * (h_btd @ w["up_proj"])) @ w["down_proj"]
-            return (x_btd, k_cache, v_cache), None
+            q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h)
+            # Write first, then read: this step's tokens attend to each other
+            # through the cache, exactly as later steps will see them.
+            k_cache = write_layer(k_cache, layer, k_btkh, page_bt, slot_bt)
+            v_cache = write_layer(v_cache, layer, v_btkh, page_bt, slot_bt)
+            x_btd = x_btd + self._attend(q_btnh, read_layer(k_cache, layer, block_tables_bp),
+                                         read_layer(v_cache, layer, block_tables_bp), is_visible_bts, w)
+            return (x_btd + self._mlp(x_btd, w), k_cache, v_cache), None
 
         layer_ids = jnp.arange(cfg.num_layers)
         (x_btd, k_cache, v_cache), _ = jax.lax.scan(
             layer_step, (x_btd, kv.k, kv.v), (self.layers.weights(), layer_ids))
         return rms_norm(x_btd, self.final_norm[...], cfg.rms_norm_eps), KVCache(k_cache, v_cache)
 
-    def _attention(self, h_btd, w, layer, k_cache, v_cache, positions_bt, inv_freq_h,
-                   page_bt, slot_bt, block_tables_bp, is_visible_bts):
+    def hidden_states(self, token_ids_bt: jax.Array, is_valid_bt: jax.Array) -> jax.Array:
+        """Final-normed hidden states `[B, T, D]` of whole sequences, without a KV cache (embeddings).
+
+        Rows are padded on the right; positions count from 0 in each row.
+        Padding keys get no weight; padding outputs are meaningless.
+        """
+        cfg = self.config
+        b, t = token_ids_bt.shape
+        x_btd = self.embed_tokens[...][token_ids_bt]
+        positions_t = jnp.arange(t)
+        positions_bt = jnp.broadcast_to(positions_t, (b, t))
+        inv_freq_h = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        is_visible_tt = positions_t[None, :] <= positions_t[:, None]
+        if cfg.sliding_window is not None:
+            is_visible_tt &= positions_t[None, :] > positions_t[:, None] - cfg.sliding_window
+        # A padding query sees itself too, so no softmax row is empty (0/0 would
+        # spread NaN through the padding's values into later layers).
+        is_visible_bts = is_visible_tt[None] & (is_valid_bt[:, None, :] | jnp.eye(t, dtype=bool)[None])
+
+        def layer_step(x_btd, w):
+            h_btd = rms_norm(x_btd, w["input_norm"], cfg.rms_norm_eps)
+            q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h)
+            x_btd = x_btd + self._attend(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3),
+                                         is_visible_bts, w)
+            return x_btd + self._mlp(x_btd, w), None
+
+        x_btd, _ = jax.lax.scan(layer_step, x_btd, self.layers.weights())
+        return rms_norm(x_btd, self.final_norm[...], cfg.rms_norm_eps)
+
+    def _project_qkv(self, h_btd, w, positions_bt, inv_freq_h):
+        """Rotated queries `[B, T, N, H]` and keys `[B, T, K, H]`, and values `[B, T, K, H]`."""
         cfg = self.config
         b, t, _ = h_btd.shape
         q, k, v = h_btd @ w["q_proj"], h_btd @ w["k_proj"], h_btd @ w["v_proj"]
@@ -144,15 +173,12 @@ class LlamaForCausalLM(nnx.Module):
             q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
         q_btnh = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions_bt, inv_freq_h)
         k_btkh = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions_bt, inv_freq_h)
-        v_btkh = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        return q_btnh, k_btkh, v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
 
-        # Write first, then read: this step's tokens attend to each other
-        # through the cache, exactly as later steps will see them.
-        k_cache = write_layer(k_cache, layer, k_btkh, page_bt, slot_bt)
-        v_cache = write_layer(v_cache, layer, v_btkh, page_bt, slot_bt)
-        keys_bksh = read_layer(k_cache, layer, block_tables_bp)
-        values_bksh = read_layer(v_cache, layer, block_tables_bp)
-
+    def _attend(self, q_btnh, keys_bksh, values_bksh, is_visible_bts, w):
+        """Attention of the queries over S keys and values `[B, K, S, H]`, through o_proj: `[B, T, D]`."""
+        cfg = self.config
+        b, t = q_btnh.shape[:2]
         # Grouped-query attention: the G query heads of each KV head, all T
         # tokens, form one [G*T, H] block, so (B, K) lead every operand and the
         # matmuls batch over them without copying keys or values.
@@ -168,8 +194,13 @@ class LlamaForCausalLM(nnx.Module):
         out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkgts.reshape(b, kv_heads, g * t, -1),
                               values_bksh.astype(jnp.float32))
         out_btd = out_bkqh.reshape(b, kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4) \
-            .reshape(b, t, cfg.num_heads * cfg.head_dim).astype(h_btd.dtype)
-        return out_btd @ w["o_proj"], k_cache, v_cache
+            .reshape(b, t, cfg.num_heads * cfg.head_dim).astype(w["o_proj"].dtype)
+        return out_btd @ w["o_proj"]
+
+    def _mlp(self, x_btd, w):
+        cfg = self.config
+        h_btd = rms_norm(x_btd, w["post_attention_norm"], cfg.rms_norm_eps)
+        return (jax.nn.silu(h_btd @ w["gate_proj"]) * (h_btd @ w["up_proj"])) @ w["down_proj"]
 
     def logits(self, hidden_xd: jax.Array) -> jax.Array:
         """LM head over final-normed hidden states `[..., D]` → float32 logits `[..., V]`."""

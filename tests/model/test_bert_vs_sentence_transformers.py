@@ -31,7 +31,7 @@ def embedder(minilm_folder):
     from checkpoints.encoder_dir import load_encoder
     from engine.embedder import Embedder
 
-    return Embedder(load_encoder(minilm_folder), max_batch_size=8)
+    return Embedder.for_encoder(load_encoder(minilm_folder), max_batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def reference(minilm_folder):
 def test_pooling_and_limits_come_from_the_folder(embedder):
     from model.pooling import PoolingConfig, PoolingMode
 
-    assert embedder.loaded.pooling == PoolingConfig(mode=PoolingMode.MEAN, normalize=True)
-    assert embedder.loaded.max_length == 256  # sentence_bert_config.json
+    assert embedder.pooling == PoolingConfig(mode=PoolingMode.MEAN, normalize=True)
+    assert embedder.max_length == 256  # sentence_bert_config.json
     assert embedder.dimensions == 384
 
 

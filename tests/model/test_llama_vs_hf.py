@@ -83,3 +83,27 @@ def test_padded_batch_matches_unpadded(tmp_path):
     for row, p in enumerate(prompts):
         np.testing.assert_allclose(np.asarray(logits[row]), hf_logits(hf_model, p)[-1],
                                    atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cacheless_hidden_states_match_hf(case, tmp_path):
+    """The embeddings forward (no KV cache): each row of a right-padded batch
+    gives HF's final-normed hidden states of that sequence alone."""
+    import torch
+
+    family, overrides = CASES[case]
+    hf_model = save_tiny_model(family, tmp_path, **overrides)
+    _, model = load_decoder(tmp_path)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (13, 4, 9)]
+    t = 16
+    ids = np.zeros((len(prompts), t), np.int32)
+    valid = np.zeros((len(prompts), t), bool)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = p
+        valid[row, :len(p)] = True
+    ours = np.asarray(model.hidden_states(jnp.asarray(ids), jnp.asarray(valid)))
+    for row, p in enumerate(prompts):
+        with torch.no_grad():
+            reference = hf_model.model(torch.tensor([p])).last_hidden_state[0].numpy()
+        np.testing.assert_allclose(ours[row, :len(p)], reference, atol=TOLERANCE, rtol=0)
