@@ -6,6 +6,14 @@ Input, one request a line, as OpenAI's Batch API takes it:
 
     {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
 
+`url` is /v1/chat/completions, /v1/completions or /v1/embeddings. A decoder
+(a GGUF file, an HF Llama-family folder) serves all three; its embeddings
+pool the last token (or the mean: --embedding-pooling) into unit vectors,
+from inputs of up to --max-model-len tokens.
+An encoder folder (BERT, e.g. all-MiniLM-L6-v2) serves /v1/embeddings only,
+pooled as its sentence-transformers files say; its other lines get a 400
+`model_not_supported` error line, and the engine flags do not apply.
+
 Output, one line per input line, in the order requests finish (OpenAI's
 output is unordered too; match lines by custom_id):
 
@@ -21,7 +29,10 @@ error object}}; a line that is no request at all (not JSON, no custom_id, a
 repeated custom_id, a method or url we do not serve) gets `response` null.
 
 Requests run with continuous batching: up to `max_in_flight` lines are in
-the engine at once, and each is written as soon as it finishes.
+flight at once, and each is written as soon as it finishes. Embeddings
+lines need no engine: those read in one pass over the input (they count
+toward `max_in_flight`) are embedded together, in one `Embedder.embed`
+call, and written with that pass's other finished lines.
 
 Exactly once, across crashes and kills:
 - each step's finished lines are built in full, then written with one
@@ -50,9 +61,15 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:  # the engine modules load JAX; they are imported where they are used
     from checkpoints.loader import LoadedModel
+    from engine.embedder import Embedder
     from engine.llm import LLM
     from engine.llm_engine import RequestOutput
-    from engine.openai_format import ParsedRequest
+    from engine.openai_embeddings import EmbeddingsRequest
+    from engine.openai_format import Endpoint, ParsedRequest
+    from model.pooling import PoolingMode
+
+EMBEDDINGS_URL = "/v1/embeddings"  # not an engine Endpoint: embeddings never reach the engine
+EMBEDDING_POOLINGS = ("last", "mean")  # what a decoder's embeddings can pool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,8 +89,17 @@ class _Job:
     created: int
 
 
+@dataclasses.dataclass(slots=True)
+class _EmbeddingJob:
+    """One embeddings line, waiting for this pass's embed call."""
+
+    custom_id: str
+    request: EmbeddingsRequest
+    token_ids: list[list[int]]
+
+
 class _Admission(enum.Enum):
-    SUBMITTED = "submitted"  # now in the engine
+    SUBMITTED = "submitted"  # now in the engine, or waiting for this pass's embed call
     SKIPPED = "skipped"  # already in the output file
     REJECTED = "rejected"  # an error line to write
 
@@ -98,50 +124,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-file", type=Path, required=True,
                         help="results, one JSON line per input line; appended to, so a rerun resumes")
     parser.add_argument("--model", default=None,
-                        help="GGUF file or HF safetensors folder (default: SmolLM2-135M-Instruct Q4_1)")
+                        help="GGUF file, HF safetensors folder, or an encoder folder (BERT, embeddings only) "
+                             "(default: SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--served-model-name", default=None,
                         help="the `model` of every response (default: the model's file or folder name)")
     parser.add_argument("--max-in-flight", type=int, default=None,
-                        help="requests read ahead into the engine (default: 2 x --max-num-seqs)")
+                        help="requests read ahead into the engine (default: 2 x --max-num-seqs; "
+                             "for an encoder, 2 x its batch of 32)")
+    parser.add_argument("--embedding-pooling", choices=EMBEDDING_POOLINGS, default=None,
+                        help="a decoder's /v1/embeddings vector: the last token's hidden state or the mean "
+                             "over tokens (default: last); encoders pool as their folder says")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_engine_arguments(parser)
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
     """The `balansis run-batch` handler: load the model, run the file, print a summary."""
-    from engine.engine_args import engine_config_from_args
-    from engine.llm import LLM
-
     if not args.input_file.is_file():  # before the model loads
         raise ValueError(f"{args.input_file}: no such file")
     started = time.perf_counter()
-    llm = LLM(args.model, config=engine_config_from_args(args))
-    summary = run_batch(llm, input_path=args.input_file, output_path=args.output_file,
-                        served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
-                        show_progress=not args.no_progress)
+    model, served_model_name = _load_model(args)
+    summary = run_batch(model, input_path=args.input_file, output_path=args.output_file,
+                        served_model_name=served_model_name, max_in_flight=args.max_in_flight,
+                        show_progress=not args.no_progress, embedding_pooling=args.embedding_pooling or "last")
     print(f"{summary.num_results} results, {summary.num_errors} errors, {summary.num_skipped} already "
           f"done → {args.output_file} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return 0
 
 
+def _load_model(args: argparse.Namespace) -> tuple[LLM | Embedder, str | None]:
+    """An Embedder for an encoder folder, else an LLM; and the served name, if run_batch cannot know it."""
+    from checkpoints.encoder_dir import is_encoder_folder, load_encoder
+    from checkpoints.loader import model_name_for
+    from engine.embedder import Embedder
+    from engine.engine_args import engine_config_from_args
+    from engine.llm import LLM
+
+    if args.model is None or not is_encoder_folder(Path(args.model)):
+        return LLM(args.model, config=engine_config_from_args(args)), args.served_model_name
+    if args.embedding_pooling is not None:
+        raise ValueError("--embedding-pooling is for decoder models; an encoder folder pools as its "
+                         "sentence-transformers files say")
+    # The engine flags do not apply: an encoder has no KV cache. Nor is JAX's persistent
+    # compilation cache turned on, which would change JAX's config for the whole process.
+    embedder = Embedder.for_encoder(load_encoder(args.model))
+    return embedder, args.served_model_name or model_name_for(Path(args.model).resolve())
+
+
 # -- the run ----------------------------------------------------------------------------
 
 
-def run_batch(model: LLM | LoadedModel, *, input_path: str | Path, output_path: str | Path,
+def run_batch(model: LLM | LoadedModel | Embedder, *, input_path: str | Path, output_path: str | Path,
               served_model_name: str | None = None, max_in_flight: int | None = None,
-              show_progress: bool = True) -> BatchSummary:
-    """Run every input line not yet in `output_path` through the engine; append the results.
+              show_progress: bool = True, embedding_pooling: PoolingMode | str = "last") -> BatchSummary:
+    """Run every input line not yet in `output_path` through the model; append the results.
 
-    `model` is an LLM, or a LoadedModel run with the default EngineConfig.
+    `model` is an LLM, a LoadedModel run with the default EngineConfig (both
+    serve completions, chat and embeddings, pooled by `embedding_pooling`:
+    PoolingMode.LAST or MEAN, or its value), or an Embedder (embeddings only;
+    it needs `served_model_name`, as it does not know its folder).
     Raises ValueError for an unusable input path or an output file that is
     not a results file. Safe to kill at any moment and run again.
     """
     from tqdm import tqdm
 
-    from checkpoints.loader import model_name
-    from engine.llm import LLM
-
-    llm = model if isinstance(model, LLM) else LLM(model)
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise ValueError(f"{input_path}: no such file")
@@ -151,14 +197,13 @@ def run_batch(model: LLM | LoadedModel, *, input_path: str | Path, output_path: 
         raise ValueError(f"{output_path}: the output file must not be the input file")
     if max_in_flight is not None and max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-    runner = _Runner(llm, served_model_name or model_name(llm.engine.loaded))
-    max_in_flight = max_in_flight or 2 * llm.engine.config.max_num_seqs
+    runner = _Runner.for_model(model, served_model_name=served_model_name, embedding_pooling=embedding_pooling)
+    max_in_flight = max_in_flight or runner.default_max_in_flight()
     # Bytes, not text: a line that is not UTF-8 is an error line, not the end of the run.
     with open(input_path, "rb") as f:
         num_lines = sum(1 for line in f if line.strip())
     results = _ResultsFile(output_path)
     num_results = num_errors = num_skipped = 0
-    in_flight: dict[str, _Job] = {}
     seen: set[str] = set()  # custom_ids met so far in the input
     try:
         with open(input_path, "rb") as f, \
@@ -168,102 +213,199 @@ def run_batch(model: LLM | LoadedModel, *, input_path: str | Path, output_path: 
             is_exhausted = False
             while True:
                 written: list[str] = []
-                while not is_exhausted and len(in_flight) < max_in_flight:
+                while not is_exhausted and runner.num_in_flight < max_in_flight:
                     numbered = next(lines, None)
                     if numbered is None:
                         is_exhausted = True
                     elif numbered[1].strip():
-                        admission, error_line = runner.admit(*numbered, seen=seen, results=results,
-                                                             in_flight=in_flight)
+                        admission, error_line = runner.admit(*numbered, seen=seen, results=results)
                         if admission is _Admission.SKIPPED:
                             num_skipped += 1
                             bar.update(1)
                         elif admission is _Admission.REJECTED:
                             written.append(error_line)
                             num_errors += 1
-                if in_flight:
-                    for output in llm.engine.step():
-                        if output.finished:
-                            written.append(runner.result_line(in_flight.pop(output.request_id), output))
-                            num_results += 1
+                finished = runner.embed_pending() + runner.step()
+                written += finished
+                num_results += len(finished)
                 results.append(written)
                 bar.update(len(written))
-                if is_exhausted and not in_flight:
+                if is_exhausted and not runner.num_in_flight:
                     break
     finally:
-        for request_id in in_flight:  # interrupted: free the engine for the caller
-            llm.engine.abort_request(request_id)
+        runner.abort()  # interrupted: free the engine for the caller
         results.close()
     return BatchSummary(num_results=num_results, num_errors=num_errors, num_skipped=num_skipped)
 
 
 class _Runner:
-    """Turns input lines into engine requests, and outputs into result lines."""
+    """Turns input lines into engine requests or embed inputs, and their outputs into result lines."""
 
-    def __init__(self, llm: LLM, served_model_name: str):
-        from engine import openai_format
+    def __init__(self, llm: LLM | None, embedder: Embedder | None, *, served_model_name: str,
+                 embedding_pooling: PoolingMode):
+        from engine import openai_embeddings, openai_format
 
         self._fmt = openai_format
+        self._emb = openai_embeddings
         self._llm = llm
+        self._embedder = embedder  # a decoder's is made on its first embeddings line
+        self._embedding_pooling = embedding_pooling
         self._model = served_model_name
-        self._token_text = openai_format.TokenTexts(llm.tokenizer)
+        self._token_text = openai_format.TokenTexts(llm.tokenizer) if llm is not None else None
+        self.in_flight: dict[str, _Job] = {}  # by engine request id
+        self.pending_embeddings: list[_EmbeddingJob] = []
 
-    def admit(self, line_number: int, text: bytes, *, seen: set[str], results: _ResultsFile,
-              in_flight: dict[str, _Job]) -> tuple[_Admission, str | None]:
-        """Submit the line to the engine, skip it, or reject it with an error line (returned)."""
-        fmt, engine = self._fmt, self._llm.engine
-        custom_id = None
+    @classmethod
+    def for_model(cls, model: LLM | LoadedModel | Embedder, *, served_model_name: str | None,
+                  embedding_pooling: PoolingMode | str) -> _Runner:
+        from checkpoints.loader import model_name
+        from engine.embedder import Embedder
+        from engine.llm import LLM
+        from model.pooling import PoolingMode
+
+        pooling = PoolingMode(embedding_pooling)
+        if pooling.value not in EMBEDDING_POOLINGS:  # checked now, not at the first embeddings line
+            raise ValueError(f"embedding_pooling must be one of {list(EMBEDDING_POOLINGS)}, got {pooling.value!r}")
+        if isinstance(model, Embedder):
+            if served_model_name is None:
+                raise ValueError("an Embedder does not know its folder: pass served_model_name")
+            return cls(None, model, served_model_name=served_model_name, embedding_pooling=pooling)
+        llm = model if isinstance(model, LLM) else LLM(model)
+        return cls(llm, None, served_model_name=served_model_name or model_name(llm.engine.loaded),
+                   embedding_pooling=pooling)
+
+    def default_max_in_flight(self) -> int:
+        if self._llm is None:  # an encoder: two of its batches per embed call
+            return 2 * self._embedder.max_batch_size
+        return 2 * self._llm.engine.config.max_num_seqs
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.in_flight) + len(self.pending_embeddings)
+
+    def admit(self, line_number: int, text: bytes, *, seen: set[str],
+              results: _ResultsFile) -> tuple[_Admission, str | None]:
+        """Submit the line to the engine or the next embed call, skip it, or reject it with an
+        error line (returned)."""
         try:
-            item = _request_line(text)
-            custom_id = item["custom_id"]
-            if line_number in results.done_lines or (custom_id not in seen
-                                                     and custom_id in results.done_custom_ids):
-                seen.add(custom_id)
-                return _Admission.SKIPPED, None
-            if custom_id in seen:
-                raise _LineError("duplicate_custom_id", f"custom_id {custom_id!r} is used by an earlier line; "
-                                 "only the first is run", custom_id=custom_id, param="custom_id")
-            seen.add(custom_id)
-            if item.get("method") != "POST":
-                raise _LineError("invalid_method", f"method must be POST, got {item.get('method')!r}",
-                                 custom_id=custom_id, param="method")
-            try:
-                endpoint = fmt.Endpoint(item.get("url"))
-            except ValueError:
-                raise _LineError("invalid_url", f"url must be one of {[e.value for e in fmt.Endpoint]}, "
-                                 f"got {item.get('url')!r}", custom_id=custom_id, param="url") from None
+            request = self._request(line_number, text, seen=seen, results=results)
         except _LineError as e:
             if line_number in results.done_lines:
                 return _Admission.SKIPPED, None
             return _Admission.REJECTED, _line(
                 custom_id=e.custom_id, response=None,
                 error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
-
+        if request is None:
+            return _Admission.SKIPPED, None
+        custom_id, url, body = request
         try:
-            request = fmt.parse_request(endpoint, item.get("body"))
-            if request.stream:
-                raise fmt.RequestError("stream is not supported in a batch", param="stream",
-                                       code="unsupported_parameter")
-            if len(request.prompts) > 1:
-                raise fmt.RequestError("one prompt per batch line", param="prompt")
-            vocab_size = engine.loaded.config.vocab_size
-            (prompt_ids,) = fmt.prompt_token_ids(request, self._llm.tokenizer, vocab_size=vocab_size)
-            params = fmt.sampling_params(request, num_prompt_tokens=len(prompt_ids),
-                                         max_model_len=engine.max_model_len, vocab_size=vocab_size)
-            request_id = f"batch-line-{line_number}"
-            try:
-                engine.add_request(request_id, prompt_ids, params)
-            except ValueError as e:  # what only the engine knows: e.g. the KV pool is too small
-                raise fmt.RequestError(str(e)) from None
-        except fmt.RequestError as e:
+            if url == EMBEDDINGS_URL:
+                self._queue_embedding(custom_id, body)
+            else:
+                self._submit(line_number, custom_id, self._fmt.Endpoint(url), body)
+        except self._fmt.RequestError as e:
             return _Admission.REJECTED, _line(
                 custom_id=custom_id,
                 response={"status_code": e.status_code, "request_id": _request_id(), "body": {"error": e.to_dict()}},
                 error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
-        in_flight[request_id] = _Job(line_number, custom_id, request, int(time.time()))
         return _Admission.SUBMITTED, None
 
-    def result_line(self, job: _Job, output: RequestOutput) -> str:
+    def _request(self, line_number: int, text: bytes, *, seen: set[str],
+                 results: _ResultsFile) -> tuple[str, str, Any] | None:
+        """(custom_id, url, body) of a request line; None if it is already in the output file."""
+        item = _request_line(text)
+        custom_id = item["custom_id"]
+        if line_number in results.done_lines or (custom_id not in seen and custom_id in results.done_custom_ids):
+            seen.add(custom_id)
+            return None
+        if custom_id in seen:
+            raise _LineError("duplicate_custom_id", f"custom_id {custom_id!r} is used by an earlier line; "
+                             "only the first is run", custom_id=custom_id, param="custom_id")
+        seen.add(custom_id)
+        if item.get("method") != "POST":
+            raise _LineError("invalid_method", f"method must be POST, got {item.get('method')!r}",
+                             custom_id=custom_id, param="method")
+        urls = [e.value for e in self._fmt.Endpoint] + [EMBEDDINGS_URL]
+        if item.get("url") not in urls:
+            raise _LineError("invalid_url", f"url must be one of {urls}, got {item.get('url')!r}",
+                             custom_id=custom_id, param="url")
+        return custom_id, item["url"], item.get("body")
+
+    def _submit(self, line_number: int, custom_id: str, endpoint: Endpoint, body: Any) -> None:
+        """Add a completions or chat line to the engine; a RequestError if it cannot run."""
+        fmt = self._fmt
+        if self._llm is None:
+            # The server's code for the same mistake.
+            raise fmt.RequestError(f"{self._model!r} is an embedding model; it serves {EMBEDDINGS_URL} only, "
+                                   f"not {endpoint.value}", code="model_not_supported")
+        engine = self._llm.engine
+        request = fmt.parse_request(endpoint, body)
+        if request.stream:
+            raise fmt.RequestError("stream is not supported in a batch", param="stream",
+                                   code="unsupported_parameter")
+        if len(request.prompts) > 1:
+            raise fmt.RequestError("one prompt per batch line", param="prompt")
+        vocab_size = engine.loaded.config.vocab_size
+        (prompt_ids,) = fmt.prompt_token_ids(request, self._llm.tokenizer, vocab_size=vocab_size)
+        params = fmt.sampling_params(request, num_prompt_tokens=len(prompt_ids),
+                                     max_model_len=engine.max_model_len, vocab_size=vocab_size)
+        request_id = f"batch-line-{line_number}"
+        try:
+            engine.add_request(request_id, prompt_ids, params)
+        except ValueError as e:  # what only the engine knows: e.g. the KV pool is too small
+            raise fmt.RequestError(str(e)) from None
+        self.in_flight[request_id] = _Job(line_number, custom_id, request, int(time.time()))
+
+    def _queue_embedding(self, custom_id: str, body: Any) -> None:
+        """Check an embeddings line and keep its token ids for this pass's embed call."""
+        emb = self._emb
+        request = emb.parse_embeddings_request(body)
+        embedder = self._embedder_or_make()
+        emb.check_dimensions(request, embedder.dimensions)
+        token_ids = emb.input_token_ids(request, embedder)
+        self.pending_embeddings.append(_EmbeddingJob(custom_id, request, token_ids))
+
+    def _embedder_or_make(self) -> Embedder:
+        if self._embedder is None:  # lazily: a file without embeddings lines never builds one
+            from engine.embedder import Embedder
+
+            # Inputs as long as the engine's prompts (--max-model-len), as the server allows.
+            engine = self._llm.engine
+            self._embedder = Embedder.for_decoder(engine.loaded, pooling=self._embedding_pooling,
+                                                  max_length=engine.max_model_len)
+        return self._embedder
+
+    def embed_pending(self) -> list[str]:
+        """The result lines of every pending embeddings line, from one embed call."""
+        jobs, self.pending_embeddings = self.pending_embeddings, []
+        if not jobs:
+            return []
+        vectors = self._embedder.embed([ids for job in jobs for ids in job.token_ids])
+        lines, start = [], 0
+        for job in jobs:
+            stop = start + len(job.token_ids)
+            body = self._emb.embeddings_response(vectors[start:stop], request=job.request, model=self._model,
+                                                 num_prompt_tokens=sum(map(len, job.token_ids)))
+            lines.append(_line(custom_id=job.custom_id, error=None,
+                               response={"status_code": 200, "request_id": _request_id(), "body": body}))
+            start = stop
+        return lines
+
+    def step(self) -> list[str]:
+        """One engine step; the result lines of the requests it finished."""
+        if not self.in_flight:
+            return []
+        return [self._result_line(self.in_flight.pop(output.request_id), output)
+                for output in self._llm.engine.step() if output.finished]
+
+    def abort(self) -> None:
+        """Take unfinished requests out of the engine; drop pending embeddings."""
+        for request_id in self.in_flight:
+            self._llm.engine.abort_request(request_id)
+        self.in_flight.clear()
+        self.pending_embeddings.clear()
+
+    def _result_line(self, job: _Job, output: RequestOutput) -> str:
         fmt = self._fmt
         common = dict(request=job.request, created=job.created, model=self._model, token_text=self._token_text)
         if job.request.endpoint is fmt.Endpoint.CHAT:

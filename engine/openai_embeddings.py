@@ -5,7 +5,8 @@ Shared by the server's `/v1/embeddings` and `balansis run-batch`, like
 the parameter.
 
 - `input`: a string, a list of strings, a list of token ids, or a list of
-  token id lists (OpenAI's four forms); never empty.
+  token id lists (OpenAI's four forms); never empty, at most MAX_INPUTS
+  items (OpenAI's limit).
 - `encoding_format`: "float" (default) or "base64" (little-endian float32
   bytes, what the OpenAI SDKs decode).
 - `dimensions`: only the model's own size, unless the model can be
@@ -25,6 +26,7 @@ import numpy as np
 
 from engine.openai_format import RequestError, text_or_token_inputs
 
+MAX_INPUTS = 2048
 _FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user", "truncate_prompt_tokens"})
 
 
@@ -60,7 +62,10 @@ def parse_embeddings_request(body: Any) -> EmbeddingsRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", param="model")
-    return EmbeddingsRequest(model=model, inputs=text_or_token_inputs(body.get("input"), param="input"),
+    inputs = text_or_token_inputs(body.get("input"), param="input")
+    if len(inputs) > MAX_INPUTS:
+        raise RequestError(f"input has {len(inputs)} items; at most {MAX_INPUTS} are allowed", param="input")
+    return EmbeddingsRequest(model=model, inputs=inputs,
                              encoding_format=encoding_format, dimensions=dimensions, truncate_to=truncate_to)
 
 

@@ -1,11 +1,11 @@
 """The Litestar app factory.
 
-    app = create_app(ServerState(ServeConfig(model_name=...), load_engine=...))
+    app = create_app(ServerState(ServeConfig(...), [ModelSpec(name, load), ...]))
 
 Routes: OpenAI's (/v1/…), the seed API (/api/v1/…, /models), /tokenize and
 /detokenize, all behind the API key check when keys are set; /health,
 /ready, /metrics, /version and the OpenAPI docs (/docs) are open, as probes
-and scrapers expect. The model loads when the app starts (see ServerState).
+and scrapers expect. The models load when the app starts (see ServerState).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def create_app(server: ServerState) -> Litestar:
             raise ApiError(message, status_code=401, code="invalid_api_key")
 
     api = Router(path="/", guards=[require_api_key], route_handlers=[
-        openai_routes.list_models, openai_routes.chat_completions, openai_routes.completions,
-        ops_routes.tokenize, ops_routes.detokenize,
-        seed_routes.seed_generate, seed_routes.seed_chat, seed_routes.seed_models])
+        openai_routes.list_models, openai_routes.retrieve_model, openai_routes.chat_completions,
+        openai_routes.completions, openai_routes.embeddings, ops_routes.tokenize, ops_routes.detokenize,
+        seed_routes.seed_generate, seed_routes.seed_chat, seed_routes.seed_embeddings, seed_routes.seed_models])
     return Litestar(
         route_handlers=[ops_routes.health, ops_routes.ready, ops_routes.metrics, ops_routes.version, api],
         dependencies={"server": Provide(lambda: server, use_cache=True, sync_to_thread=False)},

@@ -1,4 +1,4 @@
-"""Running engine requests for HTTP handlers: timing, outcomes, disconnects.
+"""Running engine and embedder requests for HTTP handlers: timing, outcomes, disconnects.
 
 A completions body with several prompts is several engine requests; their
 outputs are merged into one stream of `(prompt_index, RequestOutput)`.
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 
+import numpy as np
 from litestar import Request
 
 from engine.async_engine import AsyncEngine, EngineDeadError
@@ -19,6 +21,7 @@ from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling import SamplingParams
 from serving.errors import ApiError
 from serving.metrics import ServingMetrics
+from serving.state import ServedModel
 
 T = TypeVar("T")
 
@@ -39,10 +42,10 @@ def check_engine_accepts(core: LLMEngine, prompts: Sequence[list[int]], params: 
             raise ApiError(str(e), status_code=400, code="invalid_value", param=param) from None
 
 
-async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, request_id: str, prompt_ids: list[int],
-                   params: SamplingParams) -> AsyncIterator[RequestOutput]:
+async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, model: str, request_id: str,
+                   prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
     """One engine request's outputs, timed; its outcome is counted however it ends."""
-    tracker = metrics.tracker()
+    tracker = metrics.tracker(model)
     last: RequestOutput | None = None
     outcome = "abort"  # unless it finishes or fails
     try:
@@ -68,11 +71,12 @@ async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, request_id: str
         tracker.finish(last if outcome not in ("abort", "error") else None, outcome)
 
 
-async def stream_requests(engine: AsyncEngine, metrics: ServingMetrics, request_id: str,
+async def stream_requests(model: ServedModel, metrics: ServingMetrics, request_id: str,
                           prompts: Sequence[list[int]], params: Sequence[SamplingParams]
                           ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of one engine request per prompt, as they come, tagged with the prompt's index."""
-    streams = [_tracked(engine, metrics, f"{request_id}-{i}", ids, p)
+    engine = model.ready_engine()
+    streams = [_tracked(engine, metrics, model.name, f"{request_id}-{i}", ids, p)
                for i, (ids, p) in enumerate(zip(prompts, params))]
     if len(streams) == 1:
         try:
@@ -110,17 +114,39 @@ async def stream_requests(engine: AsyncEngine, metrics: ServingMetrics, request_
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def final_outputs(engine: AsyncEngine, metrics: ServingMetrics, request_id: str,
+async def final_outputs(model: ServedModel, metrics: ServingMetrics, request_id: str,
                         prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RequestOutput]:
     """Each prompt's finished output, in prompt order."""
     finals: list[RequestOutput | None] = [None] * len(prompts)
-    stream = stream_requests(engine, metrics, request_id, prompts, params)
+    stream = stream_requests(model, metrics, request_id, prompts, params)
     try:
         async for index, output in stream:
             finals[index] = output
     finally:
         await stream.aclose()
     return finals  # type: ignore[return-value]
+
+
+async def embed_inputs(request: Request, metrics: ServingMetrics, model: ServedModel,
+                       token_ids: Sequence[Sequence[int]], *, normalize: bool | None = None) -> np.ndarray:
+    """Vectors of checked inputs from the model's embedder (a 429 when its queue is full), counted."""
+    started = time.time()
+    embedder = model.ready_embedder()
+    with model.admitted(1):
+        outcome = "abort"  # unless it finishes or fails
+        try:
+            vectors = await unless_disconnected(request, embedder.embed(token_ids, normalize=normalize))
+            outcome = "ok"
+            return vectors
+        except ValueError as e:
+            outcome = "error"
+            raise ApiError(str(e), status_code=400, code="invalid_value", param="input") from None
+        except RuntimeError as e:  # the embedder stopped, or its batch failed
+            outcome = "error"
+            raise ApiError(str(e), status_code=503) from None
+        finally:
+            metrics.count_embeddings(model.name, started=started, outcome=outcome, num_inputs=len(token_ids),
+                                     num_tokens=sum(map(len, token_ids)))
 
 
 class ClientDisconnected(Exception):

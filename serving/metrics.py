@@ -7,7 +7,10 @@ Two sources:
   stamped by the engine); and request outcomes by finish reason;
 - the engine's load and counters (running and waiting sequences, KV cache
   usage, prefix cache queries and hits, prompt and generation tokens),
-  read at scrape time from the engine's latest `EngineStats` snapshot.
+  read at scrape time from the engine's latest `EngineStats` snapshot;
+- embedding requests: latency, inputs and tokens.
+
+Every series carries the served model's name as `model_name`.
 """
 
 from __future__ import annotations
@@ -28,10 +31,9 @@ _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 
 
 class ServingMetrics:
-    def __init__(self, *, model_name: str, stats: Callable[[], EngineStats | None]):
+    def __init__(self, *, stats: Callable[[], list[tuple[str, EngineStats]]]):
         self.registry = CollectorRegistry()
         labels = ("model_name",)
-        self._model = model_name
         self.time_to_first_token = Histogram(
             "balansis:time_to_first_token_seconds", "Arrival to the first generated token.", labels,
             buckets=_LATENCY_BUCKETS, registry=self.registry)
@@ -47,30 +49,50 @@ class ServingMetrics:
         self.requests = Counter(
             "balansis:request_success", "Finished requests by finish reason (abort: the client left; "
             "error: the engine failed it).", labels + ("finished_reason",), registry=self.registry)
-        self.registry.register(_EngineCollector(model_name, stats))
+        self.embedding_latency = Histogram(
+            "balansis:embedding_request_latency_seconds", "Arrival to response of an embeddings request.",
+            labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.embedding_inputs = Counter(
+            "balansis:embedding_inputs", "Inputs embedded.", labels, registry=self.registry)
+        self.embedding_tokens = Counter(
+            "balansis:embedding_tokens", "Tokens of the inputs embedded.", labels, registry=self.registry)
+        self.embedding_requests = Counter(
+            "balansis:embedding_requests", "Finished embeddings requests by outcome (ok, abort: the client "
+            "left, error).", labels + ("outcome",), registry=self.registry)
+        self.registry.register(_EngineCollector(stats))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def tracker(self) -> "RequestTracker":
-        return RequestTracker(self)
+    def tracker(self, model: str) -> "RequestTracker":
+        return RequestTracker(self, model)
 
-    def count_outcome(self, reason: str) -> None:
-        self.requests.labels(self._model, reason).inc()
+    def count_outcome(self, model: str, reason: str) -> None:
+        self.requests.labels(model, reason).inc()
+
+    def count_embeddings(self, model: str, *, started: float, outcome: str, num_inputs: int = 0,
+                         num_tokens: int = 0) -> None:
+        """Record an embeddings request that arrived at `started` (time.time())."""
+        self.embedding_requests.labels(model, outcome).inc()
+        if outcome == "ok":
+            self.embedding_latency.labels(model).observe(time.time() - started)
+            self.embedding_inputs.labels(model).inc(num_inputs)
+            self.embedding_tokens.labels(model).inc(num_tokens)
 
 
 class RequestTracker:
     """Times one request (all its choices) from the outputs the server receives."""
 
-    def __init__(self, metrics: ServingMetrics):
+    def __init__(self, metrics: ServingMetrics, model: str):
         self._metrics = metrics
+        self._model = model
         self._is_started = False
         self._num_tokens: dict[int, int] = {}  # per choice
         self._last_token_at: dict[int, float] = {}
 
     def observe(self, output: RequestOutput) -> None:
         now = time.time()
-        model = self._metrics._model
+        model = self._model
         for choice in output.outputs:
             new = len(choice.token_ids) - self._num_tokens.get(choice.index, 0)
             if new <= 0:
@@ -88,43 +110,41 @@ class RequestTracker:
 
     def finish(self, output: RequestOutput | None, reason: str) -> None:
         """Record the outcome: a finish reason, "abort" or "error"."""
-        model = self._metrics._model
+        model = self._model
         if output is not None:
             self._metrics.e2e_latency.labels(model).observe(time.time() - output.arrival_time)
             if output.first_scheduled_time is not None:
                 self._metrics.queue_time.labels(model).observe(output.first_scheduled_time - output.arrival_time)
-        self._metrics.count_outcome(reason)
+        self._metrics.count_outcome(model, reason)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]):
-        self._model = model_name
+    def __init__(self, stats: Callable[[], list[tuple[str, EngineStats]]]):
         self._stats = stats
 
     def collect(self):
-        stats = self._stats()
-        if stats is None:  # still loading: nothing to report yet
+        snapshots = self._stats()  # models still loading have nothing to report yet
+        if not snapshots:
             return
-        def gauge(name, doc, value):
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self._model], value)
-            return family
 
-        def counter(name, doc, value):
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self._model], value)
-            return family
+        def family(kind, name, doc, field):
+            metric = kind(name, doc, labels=["model_name"])
+            for model, stats in snapshots:
+                metric.add_metric([model], getattr(stats, field))
+            return metric
 
-        yield gauge("balansis:num_requests_running", "Sequences holding KV cache blocks.", stats.num_running)
-        yield gauge("balansis:num_requests_waiting", "Sequences waiting for their prompt to run.",
-                    stats.num_waiting)
-        yield gauge("balansis:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
-                    stats.kv_cache_usage)
-        yield counter("balansis:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      stats.prefix_cache_queries)
-        yield counter("balansis:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                      stats.prefix_cache_hits)
-        yield counter("balansis:prompt_tokens", "Prompt tokens computed.", stats.num_prompt_tokens)
-        yield counter("balansis:generation_tokens", "Tokens generated.", stats.num_generation_tokens)
-        yield counter("balansis:num_preemptions", "Sequences preempted for KV cache space.",
-                      stats.num_preemptions)
+        yield family(GaugeMetricFamily, "balansis:num_requests_running", "Sequences holding KV cache blocks.",
+                     "num_running")
+        yield family(GaugeMetricFamily, "balansis:num_requests_waiting",
+                     "Sequences waiting for their prompt to run.", "num_waiting")
+        yield family(GaugeMetricFamily, "balansis:kv_cache_usage_perc",
+                     "Fraction of KV cache blocks in use (0 to 1).", "kv_cache_usage")
+        yield family(CounterMetricFamily, "balansis:prefix_cache_queries",
+                     "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries")
+        yield family(CounterMetricFamily, "balansis:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                     "prefix_cache_hits")
+        yield family(CounterMetricFamily, "balansis:prompt_tokens", "Prompt tokens computed.", "num_prompt_tokens")
+        yield family(CounterMetricFamily, "balansis:generation_tokens", "Tokens generated.",
+                     "num_generation_tokens")
+        yield family(CounterMetricFamily, "balansis:num_preemptions", "Sequences preempted for KV cache space.",
+                     "num_preemptions")

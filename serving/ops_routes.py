@@ -17,15 +17,16 @@ from serving.schemas import (DetokenizeRequest, DetokenizeResponse, StatusRespon
 from serving.state import ServerState
 
 
-@get("/health", summary="Liveness: 200 while the process serves (503 once the engine has died)")
+@get("/health", summary="Liveness: 200 while the process serves (503 once a model failed to load or an "
+     "engine has died)")
 async def health(server: NamedDependency[ServerState]) -> Response[StatusResponse]:
-    if server.load_error is not None or (server.engine is not None and not server.engine.is_running):
+    if any(model.has_failed for model in server.models.values()):
         return Response(StatusResponse("unhealthy"), status_code=503)
     return Response(StatusResponse("ok"))
 
 
-@get("/ready", summary="Readiness: 200 once the model is loaded and warmed; 503 while loading, draining, or once "
-     "loading failed or the engine stopped")
+@get("/ready", summary="Readiness: 200 once every model is loaded and warmed; 503 while loading, draining, or "
+     "once loading failed or an engine stopped")
 async def ready(server: NamedDependency[ServerState]) -> Response[StatusResponse]:
     if server.is_ready:
         return Response(StatusResponse("ready"))
@@ -33,7 +34,7 @@ async def ready(server: NamedDependency[ServerState]) -> Response[StatusResponse
         status = "draining"
     elif server.load_error is not None:
         status = "failed"
-    elif server.engine is not None:  # loaded, but its thread has stopped
+    elif any(model.has_failed for model in server.models.values()):  # loaded, but an engine has stopped
         status = "stopped"
     else:
         status = "loading"
@@ -54,27 +55,26 @@ async def version() -> VersionResponse:
 @post("/tokenize", summary="Token ids of a prompt, or of chat messages through the chat template",
       status_code=200, responses=ERROR_RESPONSES)
 async def tokenize(data: JSONBody[TokenizeRequest], server: NamedDependency[ServerState]) -> TokenizeResponse:
-    core = server.engine_core
-    server.check_model(data.model)
+    model = server.model(data.model)
+    tokenizer = model.tokenizer
     if (data.prompt is None) == (data.messages is None):
         raise RequestError("give exactly one of prompt and messages", param="prompt")
     if data.messages is not None:
         body = {k: v for k, v in msgspec.to_builtins(data).items()
                 if k in ("messages", "add_generation_prompt", "continue_final_message")}
         request = parse_request(Endpoint.CHAT, body)
-        ids = prompt_token_ids(request, core.tokenizer, vocab_size=core.loaded.config.vocab_size)[0]
+        ids = prompt_token_ids(request, tokenizer, vocab_size=model.vocab_size)[0]
     else:
         add_special = True if data.add_special_tokens is None else data.add_special_tokens
-        ids = core.tokenizer.encode(data.prompt, add_special_tokens=add_special)
-    return TokenizeResponse(count=len(ids), max_model_len=core.max_model_len, tokens=ids)
+        ids = tokenizer.encode(data.prompt, add_special_tokens=add_special)
+    return TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids)
 
 
 @post("/detokenize", summary="The text of token ids", status_code=200, responses=ERROR_RESPONSES)
 async def detokenize(data: JSONBody[DetokenizeRequest],
                      server: NamedDependency[ServerState]) -> DetokenizeResponse:
-    core = server.engine_core
-    server.check_model(data.model)
-    vocab_size = core.loaded.config.vocab_size
+    model = server.model(data.model)
+    vocab_size = model.vocab_size
     if any(not 0 <= t < vocab_size for t in data.tokens):
         raise RequestError(f"token ids must be in [0, {vocab_size})", param="tokens")
-    return DetokenizeResponse(prompt=core.tokenizer.decode(data.tokens, skip_special_tokens=False))
+    return DetokenizeResponse(prompt=model.tokenizer.decode(data.tokens, skip_special_tokens=False))

@@ -110,6 +110,17 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None  # refused unless equal to n
 
 
+class EmbeddingsRequest(_Body):
+    """OpenAI's embeddings request; `engine.openai_embeddings` checks `input`'s four forms."""
+
+    input: str | list[str | int | list[int]]
+    model: str | None = None
+    encoding_format: str | None = None
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: cut over-long inputs (-1: at the model's maximum)
+
+
 class TokenizeRequest(_Body):
     """`prompt` for text, or `messages` for a chat rendered with the template."""
 
@@ -144,6 +155,14 @@ class SeedChatRequest(_Body):
     max_length: int | None = None
     temperature: float = 0.7
     top_p: float = 0.9
+    act_precision: str = "standard"
+
+
+class SeedEmbeddingsRequest(_Body):
+    input: str | list[str]
+    model: str | None = None
+    act_normalization: bool = True  # unit-length vectors; false: the pooled vectors as they are
+    truncate: bool = False  # cut over-long inputs at the model's maximum instead of refusing them
     act_precision: str = "standard"
 
 
@@ -261,6 +280,24 @@ class ModelList(msgspec.Struct):
     data: list[ModelCard]
 
 
+class Embedding(msgspec.Struct):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ErrorBody(msgspec.Struct):
     message: str
     type: str
@@ -317,9 +354,17 @@ class SeedChatDelta(msgspec.Struct):
     delta: str
 
 
+class SeedEmbeddingsResponse(msgspec.Struct):
+    model: str
+    embeddings: list[list[float]]
+    dimensions: int
+    tokens: int  # tokens of all inputs
+    inference_time: float  # seconds, arrival to response
+
+
 class SeedModel(msgspec.Struct):
     name: str
-    type: Literal["chat"]
+    type: Literal["chat", "embedding"]  # chat models embed too
     max_model_len: int
     precision_levels: list[str]
 

@@ -7,7 +7,10 @@
 - POST /api/v1/chat: {messages, model, stream, …} → the assistant's
   message; with stream, SSE events `{"delta": …}` then one final event with
   the whole response.
-- GET /models: the served model and its precision levels.
+- POST /api/v1/embeddings: {input (a string or strings), model,
+  act_normalization (default true: unit vectors), truncate} → {model,
+  embeddings, dimensions, tokens, inference_time}.
+- GET /models: the served models, their kind and precision levels.
 
 Only the `standard` precision level exists until the numerics work lands:
 other levels get a 400 and `act_stability_score` is null.
@@ -26,41 +29,43 @@ from litestar.params import JSONBody
 from litestar import Request, get, post
 from litestar.response import ServerSentEvent
 
-from engine.async_engine import AsyncEngine
 from engine.llm_engine import RequestOutput
+from engine.openai_embeddings import input_token_ids, parse_embeddings_request
 from engine.openai_format import Endpoint, parse_request, prompt_token_ids
 from engine.sampling import SamplingParams
 from serving.errors import ERROR_RESPONSES, RequestError, error_body
-from serving.generation import (SSE_HEADERS, check_engine_accepts, final_outputs, stream_requests,
-                                unless_disconnected)
+from serving.generation import (SSE_HEADERS, check_engine_accepts, embed_inputs, final_outputs,
+                                stream_requests, unless_disconnected)
 from serving.schemas import (AssistantMessage, SeedChatDelta, SeedChatRequest, SeedChatResponse,
-                             SeedGenerateRequest, SeedGenerateResponse, SeedModel, SeedModelList)
-from serving.state import PRECISION_LEVELS, Admission, ServerState
+                             SeedEmbeddingsRequest, SeedEmbeddingsResponse, SeedGenerateRequest,
+                             SeedGenerateResponse, SeedModel, SeedModelList)
+from serving.state import PRECISION_LEVELS, Admission, ServedModel, ServerState
 
 _DEFAULT_CHAT_MAX_LENGTH = 512
 # The content type is set here because Litestar prefers the handler's media type
 # (JSON, from the return annotation) to the one ServerSentEvent carries.
 
 
-@get("/models", summary="Seed API: the served model", responses=ERROR_RESPONSES)
+@get("/models", summary="Seed API: the served models", responses=ERROR_RESPONSES)
 async def seed_models(server: NamedDependency[ServerState]) -> SeedModelList:
-    core = server.engine_core
-    return SeedModelList(models=[SeedModel(name=server.config.model_name, type="chat",
-                                           max_model_len=core.max_model_len,
-                                           precision_levels=list(PRECISION_LEVELS))])
+    return SeedModelList(models=[
+        SeedModel(name=model.name, type="chat" if model.can_generate else "embedding",
+                  max_model_len=model.max_model_len, precision_levels=list(PRECISION_LEVELS))
+        for model in server.models.values()])
 
 
 @post("/api/v1/generate", summary="Seed API: continue a raw-text prompt",
       status_code=200, responses=ERROR_RESPONSES)
 async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
                         server: NamedDependency[ServerState]) -> SeedGenerateResponse:
-    core = server.engine_core
+    model = server.model(None, generate=True)
+    core = model.engine_core
     prompt_ids = await asyncio.to_thread(core.tokenizer.encode, data.prompt)  # off the event loop
     if not prompt_ids:
         raise RequestError("the prompt is empty", param="prompt")
-    params = _params(server, data, len(prompt_ids), data.max_length)
+    params = _params(model, data, len(prompt_ids), data.max_length)
     check_engine_accepts(core, [prompt_ids], [params], param="prompt")
-    output = await _generate(request, server, prompt_ids, params)
+    output = await _generate(request, server, model, prompt_ids, params)
     choice = output.outputs[0]
     return SeedGenerateResponse(generated_text=choice.text, tokens_generated=len(choice.token_ids),
                                 inference_time=round(time.time() - output.arrival_time, 6),
@@ -71,8 +76,8 @@ async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
       status_code=200, responses=ERROR_RESPONSES)
 async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
                     server: NamedDependency[ServerState]) -> SeedChatResponse | ServerSentEvent:
-    core = server.engine_core
-    server.check_model(data.model)
+    model = server.model(data.model, generate=True)
+    core = model.engine_core
     parsed = parse_request(Endpoint.CHAT, {"messages": msgspec.to_builtins(data.messages)})
     prompt_ids = (await asyncio.to_thread(prompt_token_ids, parsed, core.tokenizer,
                                           vocab_size=core.loaded.config.vocab_size))[0]
@@ -84,22 +89,42 @@ async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
                                f"messages take {len(prompt_ids)}", param="messages",
                                code="context_length_exceeded")
         max_length = min(_DEFAULT_CHAT_MAX_LENGTH, room)
-    params = _params(server, data, len(prompt_ids), max_length)
+    params = _params(model, data, len(prompt_ids), max_length)
     check_engine_accepts(core, [prompt_ids], [params], param="messages")
     if data.stream:
-        engine = server.ready_engine()
-        admission = server.admit(1)  # now, not when the body starts: see ServerState.admit
-        events = _chat_events(server, engine, admission, prompt_ids, params)
+        admission = model.admit(1)  # now, not when the body starts: see ServedModel.admit
+        events = _chat_events(server, model, admission, prompt_ids, params)
         return ServerSentEvent(events, headers=SSE_HEADERS)
-    return _chat_response(server, await _generate(request, server, prompt_ids, params))
+    return _chat_response(model, await _generate(request, server, model, prompt_ids, params))
 
 
-def _params(server: ServerState, data: SeedGenerateRequest | SeedChatRequest, num_prompt_tokens: int,
-            max_length: int) -> SamplingParams:
-    if data.act_precision not in PRECISION_LEVELS:
-        raise RequestError(f"act_precision {data.act_precision!r} is not available; levels: "
+@post("/api/v1/embeddings", summary="Seed API: embeddings, unit-length unless act_normalization is false",
+      status_code=200, responses=ERROR_RESPONSES)
+async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest],
+                          server: NamedDependency[ServerState]) -> SeedEmbeddingsResponse:
+    started = time.time()
+    _check_precision(data.act_precision)
+    parsed = parse_embeddings_request({"input": data.input, "model": data.model,
+                                       "truncate_prompt_tokens": -1 if data.truncate else None})
+    model = server.model(parsed.model)
+    embedder = model.ready_embedder().embedder
+    token_ids = await asyncio.to_thread(input_token_ids, parsed, embedder)
+    vectors = await embed_inputs(request, server.metrics, model, token_ids, normalize=data.act_normalization)
+    return SeedEmbeddingsResponse(model=model.name, embeddings=vectors.tolist(), dimensions=embedder.dimensions,
+                                  tokens=sum(map(len, token_ids)),
+                                  inference_time=round(time.time() - started, 6))
+
+
+def _check_precision(level: str) -> None:
+    if level not in PRECISION_LEVELS:
+        raise RequestError(f"act_precision {level!r} is not available; levels: "
                            f"{', '.join(PRECISION_LEVELS)}", param="act_precision")
-    max_model_len = server.engine_core.max_model_len
+
+
+def _params(model: ServedModel, data: SeedGenerateRequest | SeedChatRequest, num_prompt_tokens: int,
+            max_length: int) -> SamplingParams:
+    _check_precision(data.act_precision)
+    max_model_len = model.engine_core.max_model_len
     if num_prompt_tokens + max_length > max_model_len:
         raise RequestError(f"this model's maximum context length is {max_model_len} tokens; the prompt has "
                            f"{num_prompt_tokens} and max_length asks for {max_length} more",
@@ -111,30 +136,29 @@ def _params(server: ServerState, data: SeedGenerateRequest | SeedChatRequest, nu
         raise RequestError(str(e), param="max_length" if field == "max_tokens" else field) from None
 
 
-async def _generate(request: Request, server: ServerState, prompt_ids: list[int],
+async def _generate(request: Request, server: ServerState, model: ServedModel, prompt_ids: list[int],
                     params: SamplingParams) -> RequestOutput:
-    engine = server.ready_engine()
-    with server.admitted(1):
+    with model.admitted(1):
         finals = await unless_disconnected(request, final_outputs(
-            engine, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params]))
+            model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params]))
     return finals[0]
 
 
-def _chat_response(server: ServerState, output: RequestOutput) -> SeedChatResponse:
+def _chat_response(model: ServedModel, output: RequestOutput) -> SeedChatResponse:
     choice = output.outputs[0]
-    return SeedChatResponse(model=server.config.model_name,
+    return SeedChatResponse(model=model.name,
                             message=AssistantMessage(role="assistant", content=choice.text),
                             tokens_generated=len(choice.token_ids),
                             inference_time=round(time.time() - output.arrival_time, 6),
                             act_stability_score=None, finish_reason=choice.finish_reason)
 
 
-async def _chat_events(server: ServerState, engine: AsyncEngine, admission: Admission,
+async def _chat_events(server: ServerState, model: ServedModel, admission: Admission,
                        prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
     sent = 0
     try:
         with admission:
-            stream = stream_requests(engine, server.metrics, f"seed-{uuid.uuid4().hex}",
+            stream = stream_requests(model, server.metrics, f"seed-{uuid.uuid4().hex}",
                                      [prompt_ids], [params])
             try:
                 async for _, output in stream:
@@ -143,7 +167,7 @@ async def _chat_events(server: ServerState, engine: AsyncEngine, admission: Admi
                         yield msgspec.json.encode(SeedChatDelta(delta=text[sent:])).decode()
                         sent = len(text)
                     if output.finished:
-                        yield msgspec.json.encode(_chat_response(server, output)).decode()
+                        yield msgspec.json.encode(_chat_response(model, output)).decode()
             finally:
                 await stream.aclose()
     except RequestError as e:

@@ -1,7 +1,13 @@
 """`balansis serve`: the app under uvicorn, with a graceful drain on SIGTERM.
 
+    balansis serve --model chat.gguf --model all-MiniLM-L6-v2/ --served-model-name chat --served-model-name minilm
+
+Each --model is a decoder (GGUF file or HF folder: completions, chat and
+embeddings) or a BERT sentence-transformers folder (embeddings only);
+requests choose one by their `model` field.
+
 Start-up: the port opens at once (/health answers, /ready says 503) while
-the model loads and warms up in a thread; a model that fails to load ends
+the models load and warm up in a thread; a model that fails to load ends
 the process with exit code 2.
 
 SIGTERM (or Ctrl-C): /ready and every new request answer 503, requests in
@@ -20,27 +26,35 @@ import time
 import uvicorn
 
 from engine.engine_args import add_engine_arguments, engine_config_from_args
-from serving.state import PRECISION_LEVELS, ServeConfig, ServerState
+from model.pooling import PoolingMode
+from serving.state import PRECISION_LEVELS, ModelSpec, ServeConfig, ServerState
 
 log = logging.getLogger("balansis.serving")
-_DEFAULTS = ServeConfig(model_name="")
+_DEFAULTS = ServeConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="GGUF file or HF safetensors folder (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="GGUF file, HF safetensors folder, or BERT sentence-transformers folder "
+                             "(embeddings only); repeat to serve several models (default: "
+                             "SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 in a container (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="the model name clients send and responses carry (default: the file or "
-                             "folder name; SmolLM2-135M-Instruct for the default model)")
+    parser.add_argument("--served-model-name", action="append", default=None,
+                        help="the model name clients send and responses carry, once per --model in the "
+                             "same order (default: the file or folder name; SmolLM2-135M-Instruct for the "
+                             "default model)")
+    parser.add_argument("--embedding-pooling", choices=("last", "mean"), default="last",
+                        help="how chat (decoder) models pool /v1/embeddings: the last token's or the mean "
+                             "hidden state, then L2-normalised (default: %(default)s; encoders pool as "
+                             "their folder says)")
     parser.add_argument("--api-key", action="append", default=None,
                         help="accept this bearer key (repeatable); default: $BALANSIS_API_KEY, else no "
                              "authentication")
     parser.add_argument("--max-queue", type=int, default=_DEFAULTS.max_queue,
-                        help="sequences admitted beyond --max-num-seqs before new requests get a 429 "
-                             "(default: %(default)s)")
+                        help="per model: sequences admitted beyond --max-num-seqs (embedding requests, "
+                             "for an embedding model) before new requests get a 429 (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISION_LEVELS, default="standard",
                         help="numerics level (high and ultra come with the numerics work)")
     parser.add_argument("--drain-timeout", type=float, default=_DEFAULTS.drain_timeout,
@@ -56,38 +70,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from checkpoints.errors import CheckpointError
-    from checkpoints.loader import load_model, model_name_for
-
-    if args.model is not None and not Path(args.model).exists():
-        raise CheckpointError(f"{args.model}: no such file or folder")
     keys = args.api_key if args.api_key is not None else (
         [os.environ["BALANSIS_API_KEY"]] if os.environ.get("BALANSIS_API_KEY") else [])
-    config = ServeConfig(model_name=args.served_model_name or model_name_for(args.model),
-                         api_keys=tuple(keys), max_queue=args.max_queue, precision=args.precision,
+    config = ServeConfig(api_keys=tuple(keys), max_queue=args.max_queue, precision=args.precision,
                          drain_timeout=args.drain_timeout)
-    engine_config = engine_config_from_args(args)
+    models = model_specs(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def load_engine():
-        from engine.llm_engine import LLMEngine
-
-        started = time.perf_counter()
-        loaded = load_model(args.model)
-        engine = LLMEngine(loaded, engine_config)
-        log.info("loaded %s in %.1f s%s", config.model_name, time.perf_counter() - started,
-                 " (warm-up included)" if engine_config.warmup else "")
-        return engine
-
     server: _DrainingServer | None = None
 
     def on_load_failure(error: Exception) -> None:
         server.exit_code = 2
         server.should_exit = True
 
-    state = ServerState(config, load_engine, on_load_failure=on_load_failure)
+    state = ServerState(config, models, on_load_failure=on_load_failure)
     from serving.app import create_app
 
     uvicorn_config = uvicorn.Config(create_app(state), host=args.host, port=args.port,
@@ -96,6 +91,58 @@ def serve_command(args: argparse.Namespace) -> int:
     server = _DrainingServer(uvicorn_config, state)
     server.run()
     return server.exit_code
+
+
+def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    """One ModelSpec per --model (the default model when none), named by --served-model-name.
+
+    Paths are checked now, before the port opens; the weights load later.
+    """
+    from pathlib import Path
+
+    from checkpoints.encoder_dir import is_encoder_folder
+    from checkpoints.errors import CheckpointError
+    from checkpoints.loader import model_name_for
+
+    paths = args.model or [None]
+    names = args.served_model_name
+    if names is not None and len(names) != len(paths):
+        raise ValueError(f"give --served-model-name once per --model: {len(paths)} models, {len(names)} names")
+    for path in paths:
+        if path is not None and not Path(path).exists():
+            raise CheckpointError(f"{path}: no such file or folder")
+    names = names or [model_name_for(path) for path in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"served model names must differ, got {names}; set them with --served-model-name")
+    engine_config = engine_config_from_args(args)
+    pooling = PoolingMode(args.embedding_pooling)
+    specs = []
+    for path, name in zip(paths, names):
+        if path is not None and is_encoder_folder(Path(path)):
+            specs.append(ModelSpec(name, load=_encoder_loader(path), is_encoder=True))
+        else:
+            specs.append(ModelSpec(name, load=_decoder_loader(path, engine_config), embedding_pooling=pooling))
+    return specs
+
+
+def _decoder_loader(path, engine_config):
+    def load():
+        from checkpoints.loader import load_model
+        from engine.llm_engine import LLMEngine
+
+        return LLMEngine(load_model(path), engine_config)
+
+    return load
+
+
+def _encoder_loader(path):
+    def load():
+        from checkpoints.encoder_dir import load_encoder
+        from engine.embedder import Embedder
+
+        return Embedder.for_encoder(load_encoder(path))
+
+    return load
 
 
 class _DrainingServer(uvicorn.Server):

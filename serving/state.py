@@ -1,9 +1,16 @@
-"""What the app's handlers share: the engine (once loaded), settings, metrics, admission.
+"""What the app's handlers share: the served models (once loaded), settings, metrics, admission.
 
 `ServerState` is built by the factory and handed to handlers through
-dependency injection; nothing lives in module globals. The model loads
-(and warms up) in a thread started at app start-up, so /health answers at
-once and /ready turns 200 only when requests can be served.
+dependency injection; nothing lives in module globals. The models load
+(and warm up) one after another in a thread started at app start-up, so
+/health answers at once and /ready turns 200 only when every model can
+serve.
+
+One server serves several models, routed by the request's `model` field:
+a decoder (LLMEngine) serves completions, chat and embeddings (pooled from
+its hidden states); an encoder (an Embedder) serves embeddings only. A
+request without `model` goes to the first model that can serve it, the
+first encoder for embeddings.
 """
 
 from __future__ import annotations
@@ -12,10 +19,15 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from typing import Callable, Iterator
+import time
+from typing import Callable, Iterator, Sequence
 
+from checkpoints.tokenizer import Tokenizer
+from engine.async_embedder import AsyncEmbedder
 from engine.async_engine import AsyncEngine
+from engine.embedder import Embedder
 from engine.llm_engine import EngineStats, LLMEngine
+from model.pooling import PoolingMode
 from serving.errors import ApiError
 from serving.metrics import ServingMetrics
 
@@ -28,9 +40,9 @@ PRECISION_LEVELS = ("standard",)  # high and ultra come with the numerics work
 class ServeConfig:
     """Server settings; `balansis serve` flags map onto these one to one."""
 
-    model_name: str  # the name clients ask for and responses carry
     api_keys: tuple[str, ...] = ()  # empty: no authentication
-    # Sequences admitted beyond what the engine runs at once; more get a 429.
+    # Per model: sequences (embedding requests for an encoder) admitted beyond
+    # what runs at once; more get a 429.
     max_queue: int = 256
     precision: str = "standard"
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
@@ -48,81 +60,120 @@ class ServeConfig:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
 
 
-class ServerState:
-    def __init__(self, config: ServeConfig, load_engine: Callable[[], LLMEngine], *,
-                 on_load_failure: Callable[[Exception], None] | None = None):
-        self.config = config
-        self._load_engine = load_engine
-        self._on_load_failure = on_load_failure
-        self.engine: AsyncEngine | None = None  # set once loaded and warmed up
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model to serve: its name, how to load it, and what it is."""
+
+    name: str  # what clients send as `model` and responses carry
+    load: Callable[[], LLMEngine | Embedder]  # an LLMEngine for a decoder, an Embedder for an encoder
+    is_encoder: bool = False  # embeddings only
+    embedding_pooling: PoolingMode = PoolingMode.LAST  # how a decoder pools its embeddings
+
+
+class ServedModel:
+    """One model of the server: loaded or not, its engines, its admission counts."""
+
+    def __init__(self, spec: ModelSpec, server: ServerState):
+        self.spec = spec
+        self.name = spec.name
+        self._server = server
+        self.engine: AsyncEngine | None = None  # decoders: set once loaded and warmed up
+        self.embedder: AsyncEmbedder | None = None  # every model, once loaded
         self.load_error: Exception | None = None
-        self.is_draining = False
-        self.num_in_flight_seqs = 0  # admitted sequences not yet finished
-        self.num_admitted_requests = 0  # generation requests admitted and not yet done (what a drain waits for)
-        self.metrics = ServingMetrics(model_name=config.model_name, stats=self.stats)
-        self._loader: threading.Thread | None = None
+        self.created = 0  # when it finished loading (Unix seconds)
+        self.num_in_flight_seqs = 0  # admitted sequences (encoders: embedding requests) not yet finished
 
-    # -- loading ---------------------------------------------------------------
-    def start_loading(self) -> None:
-        self._loader = threading.Thread(target=self._load, name="balansis-load", daemon=True)
-        self._loader.start()
+    @property
+    def can_generate(self) -> bool:
+        return not self.spec.is_encoder
 
-    def _load(self) -> None:
-        try:
-            engine = self._load_engine()
-        except Exception as e:  # any failure to load is fatal for the server
-            log.error("cannot load the model: %s", e)
-            self.load_error = e
-            if self._on_load_failure is not None:
-                self._on_load_failure(e)
-            return
-        self.engine = AsyncEngine(engine)
-        log.info("model %s ready (%d KV blocks of %d tokens)", self.config.model_name,
-                 engine.num_blocks, engine.config.block_size)
+    def load(self) -> None:
+        started = time.perf_counter()
+        loaded = self.spec.load()
+        if isinstance(loaded, LLMEngine):
+            self.engine = AsyncEngine(loaded)
+            embedder = Embedder.for_decoder(loaded.loaded, pooling=self.spec.embedding_pooling,
+                                            max_length=loaded.max_model_len)
+            detail = f"{loaded.num_blocks} KV blocks of {loaded.config.block_size} tokens"
+        else:
+            embedder = loaded
+            detail = f"{embedder.dimensions}-dimensional embeddings"
+        self.embedder = AsyncEmbedder(embedder)
+        self.created = int(time.time())
+        log.info("model %s ready in %.1f s (%s)", self.name, time.perf_counter() - started, detail)
 
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown(timeout=10)
+        if self.embedder is not None:
+            self.embedder.shutdown(timeout=10)
 
-    # -- what handlers ask -------------------------------------------------------
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None and self.engine.is_running and not self.is_draining
+        return self.embedder is not None and (self.engine is None or self.engine.is_running)
+
+    @property
+    def has_failed(self) -> bool:
+        """Failed to load, or its engine thread has stopped."""
+        return self.load_error is not None or (self.engine is not None and not self.engine.is_running)
 
     def stats(self) -> EngineStats | None:
         return self.engine.stats if self.engine is not None else None
 
-    def ready_engine(self) -> AsyncEngine:
-        """The engine, or a 503 saying why requests cannot be served now."""
-        if self.is_draining:
+    # -- what handlers ask ---------------------------------------------------------
+    def _check_loaded(self) -> None:
+        """A 503 saying why requests cannot be served now."""
+        if self._server.is_draining:
             raise ApiError("the server is shutting down", status_code=503)
-        if self.engine is None:
+        if self.embedder is None:
             reason = "failed to load" if self.load_error else "is still loading"
-            raise ApiError(f"the model {reason}", status_code=503)
-        if not self.engine.is_running:
-            raise ApiError("the engine has stopped", status_code=503)
+            raise ApiError(f"the model '{self.name}' {reason}", status_code=503)
+        if self.engine is not None and not self.engine.is_running:
+            raise ApiError(f"the engine of '{self.name}' has stopped", status_code=503)
+
+    def ready_engine(self) -> AsyncEngine:
+        self._check_loaded()
+        assert self.engine is not None, "routing sends only decoders here"
         return self.engine
 
     @property
     def engine_core(self) -> LLMEngine:
         return self.ready_engine().engine
 
-    def check_model(self, model: str | None) -> None:
-        """A 404 for a model this server does not serve (no model: the served one)."""
-        if model is not None and model != self.config.model_name:
-            raise ApiError(f"the model '{model}' does not exist; this server serves "
-                           f"'{self.config.model_name}'", status_code=404, code="model_not_found",
-                           param="model")
+    def ready_embedder(self) -> AsyncEmbedder:
+        self._check_loaded()
+        return self.embedder
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.ready_embedder().embedder.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence: prompt and output for a decoder, input for an encoder."""
+        if self.can_generate:
+            return self.engine_core.max_model_len
+        return self.ready_embedder().embedder.max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.ready_embedder().embedder.vocab_size
+
+    def _capacity(self) -> int:
+        if self.can_generate:
+            return self.engine_core.config.max_num_seqs + self._server.config.max_queue
+        self._check_loaded()
+        return 1 + self._server.config.max_queue  # one request embeds while the rest wait
 
     def check_capacity(self, num_seqs: int) -> None:
         """A 429 (or a 400 for a request larger than the whole queue) unless `num_seqs` fit now."""
-        limit = self.engine_core.config.max_num_seqs + self.config.max_queue
+        limit = self._capacity()
         if num_seqs > limit:
             raise ApiError(f"the request needs {num_seqs} sequences (n × prompts); this server admits "
                            f"at most {limit}", status_code=400, code="invalid_value", param="n")
         if self.num_in_flight_seqs + num_seqs > limit:
-            raise ApiError(f"the server is at capacity ({self.num_in_flight_seqs} sequences admitted, "
-                           f"at most {limit}); retry later", status_code=429,
+            raise ApiError(f"the server is at capacity for '{self.name}' ({self.num_in_flight_seqs} "
+                           f"admitted, at most {limit}); retry later", status_code=429,
                            headers={"Retry-After": "1"})
 
     def admit(self, num_seqs: int) -> "Admission":
@@ -131,11 +182,12 @@ class ServerState:
         A stream admits in its handler, before the response starts, and hands
         the Admission to its body, which releases it when it ends: checking in
         the handler and admitting in the body would let concurrent streams all
-        pass the check, then fail inside a 200 response.
+        pass the check, then fail inside a 200 response. An embedding request
+        counts as one.
         """
         self.check_capacity(num_seqs)
         self.num_in_flight_seqs += num_seqs
-        self.num_admitted_requests += 1
+        self._server.num_admitted_requests += 1
         return Admission(self, num_seqs)
 
     @contextlib.contextmanager
@@ -144,12 +196,92 @@ class ServerState:
         with self.admit(num_seqs):
             yield
 
+    def _release(self, num_seqs: int) -> None:
+        self.num_in_flight_seqs -= num_seqs
+        self._server.num_admitted_requests -= 1
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig, models: Sequence[ModelSpec], *,
+                 on_load_failure: Callable[[Exception], None] | None = None):
+        if not models:
+            raise ValueError("a server needs at least one model")
+        names = [spec.name for spec in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"served model names must differ, got {names}")
+        self.config = config
+        self.models = {spec.name: ServedModel(spec, self) for spec in models}
+        self._on_load_failure = on_load_failure
+        self.is_draining = False
+        self.num_admitted_requests = 0  # requests admitted and not yet done (what a drain waits for)
+        self.metrics = ServingMetrics(stats=self.stats)
+        self._loader: threading.Thread | None = None
+
+    # -- loading ---------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._loader = threading.Thread(target=self._load, name="balansis-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        for model in self.models.values():
+            try:
+                model.load()
+            except Exception as e:  # any failure to load is fatal for the server
+                log.error("cannot load the model %s: %s", model.name, e)
+                model.load_error = e
+                if self._on_load_failure is not None:
+                    self._on_load_failure(e)
+                return
+
+    def shutdown(self) -> None:
+        for model in self.models.values():
+            model.shutdown()
+
+    # -- what handlers ask -------------------------------------------------------
+    @property
+    def is_ready(self) -> bool:
+        return not self.is_draining and all(m.is_ready for m in self.models.values())
+
+    @property
+    def load_error(self) -> Exception | None:
+        return next((m.load_error for m in self.models.values() if m.load_error is not None), None)
+
+    def stats(self) -> list[tuple[str, EngineStats]]:
+        return [(m.name, s) for m in self.models.values() if (s := m.stats()) is not None]
+
+    def model(self, name: str | None, *, generate: bool = False) -> ServedModel:
+        """The model a request names (None: the first that serves it), or a 404.
+
+        `generate`: the request completes or chats, which encoders cannot.
+        """
+        if self.is_draining:
+            raise ApiError("the server is shutting down", status_code=503)
+        if name is None:
+            models = list(self.models.values())
+            if generate:
+                models = [m for m in models if m.can_generate]
+            else:  # embeddings: an embedding model before a chat model
+                models.sort(key=lambda m: m.can_generate)
+            if not models:
+                raise ApiError("this server has no model that generates text; it serves embeddings only",
+                               status_code=404, code="model_not_found", param="model")
+            return models[0]
+        model = self.models.get(name)
+        if model is None:
+            served = ", ".join(f"'{n}'" for n in self.models)
+            raise ApiError(f"the model '{name}' does not exist; this server serves {served}",
+                           status_code=404, code="model_not_found", param="model")
+        if generate and not model.can_generate:
+            raise ApiError(f"'{name}' is an embedding model; it serves /v1/embeddings only",
+                           status_code=404, code="model_not_supported", param="model")
+        return model
+
 
 class Admission:
     """Sequences admitted for one request; released once, by `release` or by leaving `with`."""
 
-    def __init__(self, state: ServerState, num_seqs: int):
-        self._state = state
+    def __init__(self, model: ServedModel, num_seqs: int):
+        self._model = model
         self._num_seqs = num_seqs
         self._is_released = False
 
@@ -157,8 +289,7 @@ class Admission:
         if self._is_released:
             return
         self._is_released = True
-        self._state.num_in_flight_seqs -= self._num_seqs
-        self._state.num_admitted_requests -= 1
+        self._model._release(self._num_seqs)
 
     def __enter__(self) -> "Admission":
         return self

