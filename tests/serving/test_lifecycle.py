@@ -112,12 +112,14 @@ def tiny_model_dir(tiny_loaded, tmp_path_factory):
     return folder
 
 
-def test_sigterm_lets_running_streams_finish_then_exits_0(tiny_model_dir):
+def test_sigterm_lets_running_streams_finish_then_exits_0(tiny_model_dir, minilm_folder):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # Two models, as an operator would serve a chat model and an embedding model.
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-         "--served-model-name", MODEL, "--no-warmup", "--max-num-seqs", "8", "--max-model-len", "512",
+         "--served-model-name", MODEL, "--model", str(minilm_folder), "--served-model-name", "minilm",
+         "--no-warmup", "--max-num-seqs", "8", "--max-model-len", "512",
          "--kv-cache-memory", "16MiB", "--no-access-log", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -133,6 +135,8 @@ def test_sigterm_lets_running_streams_finish_then_exits_0(tiny_model_dir):
             pytest.fail(f"the server did not become ready: {process.communicate(timeout=10)[0]}")
 
         api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert {m.id for m in api.models.list().data} == {MODEL, "minilm"}
+        assert len(api.embeddings.create(model="minilm", input="Hello").data[0].embedding) == 384
         max_tokens = 400
         started = threading.Barrier(9)
         results: list = [None] * 8
