@@ -12,6 +12,13 @@ updated with scatters, which XLA performs in place on a donated buffer.
 One call handles prefill chunks and decode steps alike: a batch of B
 sequences with T new tokens each (T = 1 for decode), padded where needed and
 marked by `is_valid_bt`.
+
+`precision` (a `numerics.Precision`, static under jit) picks the
+arithmetic: STANDARD computes in the weights' dtype with plain reductions;
+HIGH in float32 with compensated reductions; ULTRA adds error-free matmuls
+(see numerics.matmul). Under HIGH and ULTRA every reduction's order is
+fixed by its own axis, and under ULTRA every matmul is exact before its
+one rounding, which is what makes a row's result independent of its batch.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from flax import nnx
 
 from model import numerics
 from model.config import DecoderConfig
+from model.numerics import Precision
 from model.kv_cache import KVCache, read_layer, write_layer, write_slots
 from model.rope import apply_rope, inverse_frequencies
 
@@ -55,12 +63,45 @@ def layer_weight_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def rms_norm(x_btd: jax.Array, weight_d: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x_btd: jax.Array, weight_d: jax.Array, eps: float, precision: Precision = Precision.STANDARD
+             ) -> jax.Array:
     """RMSNorm (Zhang & Sennrich, 2019) in float32, cast back to the input dtype
-    before the weight multiplies, as HF Llama does."""
+    before the weight multiplies, as HF Llama does (HIGH stays in float32; ULTRA
+    returns a double-word (hi, lo) for the matmuls that follow)."""
     x = x_btd.astype(jnp.float32)
-    normed = x * jax.lax.rsqrt(numerics.mean_square(x, axis=-1) + eps)
+    scale = jax.lax.rsqrt(numerics.mean_square(x, axis=-1, precision=precision) + eps)
+    if precision is Precision.ULTRA:  # a double-word: the two products' rounding errors kept
+        normed, normed_error = numerics.two_product(x, scale)
+        out, out_error = numerics.two_product(weight_d.astype(jnp.float32), normed)
+        return out, out_error + weight_d.astype(jnp.float32) * normed_error
+    normed = x * scale
+    if precision.is_compensated:
+        return weight_d.astype(jnp.float32) * normed
     return weight_d * normed.astype(x_btd.dtype)
+
+
+# The residual stream: an array, or under ULTRA a double-word (hi, lo), so
+# that 2 × num_layers additions do not each round it.
+def _residual(x_btd: jax.Array, precision: Precision):
+    return (x_btd, jnp.zeros_like(x_btd)) if precision is Precision.ULTRA else x_btd
+
+
+def _value(x) -> jax.Array:
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _add(x, delta):
+    """The residual plus a layer's output (an array, or a double-word under ULTRA)."""
+    if isinstance(x, tuple):
+        return numerics.double_word_add(*x, *delta)
+    return x + delta
+
+
+def _project_out(x_btf: jax.Array, w_fd: jax.Array, precision: Precision):
+    """A projection back onto the residual stream; a double-word under ULTRA."""
+    if precision is Precision.ULTRA:
+        return numerics.exact_matmul(x_btf, w_fd)
+    return numerics.matmul(x_btf, w_fd, precision=precision)
 
 
 class DecoderLayers(nnx.Module):
@@ -95,7 +136,8 @@ class LlamaForCausalLM(nnx.Module):
                 0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype))
 
     def __call__(self, token_ids_bt: jax.Array, positions_bt: jax.Array, kv: KVCache,
-                 block_tables_bp: jax.Array, is_valid_bt: jax.Array) -> tuple[jax.Array, KVCache]:
+                 block_tables_bp: jax.Array, is_valid_bt: jax.Array, *,
+                 precision: Precision = Precision.STANDARD) -> tuple[jax.Array, KVCache]:
         """Run T new tokens of B sequences through every layer.
 
         token_ids_bt, positions_bt: [B, T] int32; positions are absolute.
@@ -107,7 +149,7 @@ class LlamaForCausalLM(nnx.Module):
         All earlier positions of each sequence must already be in the cache.
         """
         cfg = self.config
-        x_btd = self.embed_tokens[...][token_ids_bt]
+        x_btd = self._embed(token_ids_bt, precision)
         page_bt, slot_bt = write_slots(positions_bt, block_tables_bp, is_valid_bt,
                                        num_pages=kv.num_pages, page_size=kv.page_size)
         inv_freq_h = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -118,24 +160,25 @@ class LlamaForCausalLM(nnx.Module):
             is_visible_bts &= key_positions_s[None, None, :] > positions_bt[:, :, None] - cfg.sliding_window
 
         def layer_step(carry, layer_in):
-            x_btd, k_cache, v_cache = carry
+            x, k_cache, v_cache = carry
             w, layer = layer_in
-            h_btd = rms_norm(x_btd, w["input_norm"], cfg.rms_norm_eps)
-            q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h)
+            h_btd = rms_norm(_value(x), w["input_norm"], cfg.rms_norm_eps, precision)
+            q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h, precision)
             # Write first, then read: this step's tokens attend to each other
             # through the cache, exactly as later steps will see them.
             k_cache = write_layer(k_cache, layer, k_btkh, page_bt, slot_bt)
             v_cache = write_layer(v_cache, layer, v_btkh, page_bt, slot_bt)
-            x_btd = x_btd + self._attend(q_btnh, read_layer(k_cache, layer, block_tables_bp),
-                                         read_layer(v_cache, layer, block_tables_bp), is_visible_bts, w)
-            return (x_btd + self._mlp(x_btd, w), k_cache, v_cache), None
+            x = _add(x, self._attend(q_btnh, read_layer(k_cache, layer, block_tables_bp),
+                                     read_layer(v_cache, layer, block_tables_bp), is_visible_bts, w, precision))
+            return (_add(x, self._mlp(_value(x), w, precision)), k_cache, v_cache), None
 
         layer_ids = jnp.arange(cfg.num_layers)
-        (x_btd, k_cache, v_cache), _ = jax.lax.scan(
-            layer_step, (x_btd, kv.k, kv.v), (self.layers.weights(), layer_ids))
-        return rms_norm(x_btd, self.final_norm[...], cfg.rms_norm_eps), KVCache(k_cache, v_cache)
+        (x, k_cache, v_cache), _ = jax.lax.scan(
+            layer_step, (_residual(x_btd, precision), kv.k, kv.v), (self.layers.weights(), layer_ids))
+        return rms_norm(_value(x), self.final_norm[...], cfg.rms_norm_eps, precision), KVCache(k_cache, v_cache)
 
-    def hidden_states(self, token_ids_bt: jax.Array, is_valid_bt: jax.Array) -> jax.Array:
+    def hidden_states(self, token_ids_bt: jax.Array, is_valid_bt: jax.Array, *,
+                      precision: Precision = Precision.STANDARD) -> jax.Array:
         """Final-normed hidden states `[B, T, D]` of whole sequences, without a KV cache (embeddings).
 
         Rows are padded on the right; positions count from 0 in each row.
@@ -143,7 +186,7 @@ class LlamaForCausalLM(nnx.Module):
         """
         cfg = self.config
         b, t = token_ids_bt.shape
-        x_btd = self.embed_tokens[...][token_ids_bt]
+        x_btd = self._embed(token_ids_bt, precision)
         positions_t = jnp.arange(t)
         positions_bt = jnp.broadcast_to(positions_t, (b, t))
         inv_freq_h = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -154,28 +197,35 @@ class LlamaForCausalLM(nnx.Module):
         # spread NaN through the padding's values into later layers).
         is_visible_bts = is_visible_tt[None] & (is_valid_bt[:, None, :] | jnp.eye(t, dtype=bool)[None])
 
-        def layer_step(x_btd, w):
-            h_btd = rms_norm(x_btd, w["input_norm"], cfg.rms_norm_eps)
-            q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h)
-            x_btd = x_btd + self._attend(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3),
-                                         is_visible_bts, w)
-            return x_btd + self._mlp(x_btd, w), None
+        def layer_step(x, w):
+            h_btd = rms_norm(_value(x), w["input_norm"], cfg.rms_norm_eps, precision)
+            q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h, precision)
+            # Padding's values are zeroed: ULTRA scales each value column by its
+            # largest entry, which must not depend on what the padding holds.
+            v_btkh = jnp.where(is_valid_bt[:, :, None, None], v_btkh, 0.0)
+            x = _add(x, self._attend(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3),
+                                     is_visible_bts, w, precision))
+            return _add(x, self._mlp(_value(x), w, precision)), None
 
-        x_btd, _ = jax.lax.scan(layer_step, x_btd, self.layers.weights())
-        return rms_norm(x_btd, self.final_norm[...], cfg.rms_norm_eps)
+        x, _ = jax.lax.scan(layer_step, _residual(x_btd, precision), self.layers.weights())
+        return rms_norm(_value(x), self.final_norm[...], cfg.rms_norm_eps, precision)
 
-    def _project_qkv(self, h_btd, w, positions_bt, inv_freq_h):
+    def _embed(self, token_ids_bt, precision):
+        x_btd = self.embed_tokens[...][token_ids_bt]
+        return x_btd.astype(jnp.float32) if precision.is_compensated else x_btd
+
+    def _project_qkv(self, h_btd, w, positions_bt, inv_freq_h, precision):
         """Rotated queries `[B, T, N, H]` and keys `[B, T, K, H]`, and values `[B, T, K, H]`."""
         cfg = self.config
-        b, t, _ = h_btd.shape
-        q, k, v = h_btd @ w["q_proj"], h_btd @ w["k_proj"], h_btd @ w["v_proj"]
+        b, t, _ = _value(h_btd).shape
+        q, k, v = (numerics.matmul(h_btd, w[name], precision=precision) for name in ("q_proj", "k_proj", "v_proj"))
         if cfg.has_qkv_bias:
             q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
         q_btnh = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions_bt, inv_freq_h)
         k_btkh = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions_bt, inv_freq_h)
         return q_btnh, k_btkh, v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
 
-    def _attend(self, q_btnh, keys_bksh, values_bksh, is_visible_bts, w):
+    def _attend(self, q_btnh, keys_bksh, values_bksh, is_visible_bts, w, precision):
         """Attention of the queries over S keys and values `[B, K, S, H]`, through o_proj: `[B, T, D]`."""
         cfg = self.config
         b, t = q_btnh.shape[:2]
@@ -187,25 +237,46 @@ class LlamaForCausalLM(nnx.Module):
             .reshape(b, kv_heads, g * t, cfg.head_dim)
         # Keys as the left operand: [S, H] @ [H, G*T] has a long M; at decode
         # (G*T small) XLA:CPU ran q @ keys^T several times slower.
-        scores_bksq = jnp.einsum("bksh,bkqh->bksq", keys_bksh.astype(jnp.float32),
-                                 q_bkqh.astype(jnp.float32)) * cfg.head_dim ** -0.5
-        scores_bkgts = jnp.swapaxes(scores_bksq, -1, -2).reshape(b, kv_heads, g, t, -1)
-        probs_bkgts = numerics.softmax(scores_bkgts, axis=-1, where=is_visible_bts[:, None, None])
-        out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkgts.reshape(b, kv_heads, g * t, -1),
-                              values_bksh.astype(jnp.float32))
-        out_btd = out_bkqh.reshape(b, kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4) \
-            .reshape(b, t, cfg.num_heads * cfg.head_dim).astype(w["o_proj"].dtype)
-        return out_btd @ w["o_proj"]
-
-    def _mlp(self, x_btd, w):
-        cfg = self.config
-        h_btd = rms_norm(x_btd, w["post_attention_norm"], cfg.rms_norm_eps)
-        return (jax.nn.silu(h_btd @ w["gate_proj"]) * (h_btd @ w["up_proj"])) @ w["down_proj"]
-
-    def logits(self, hidden_xd: jax.Array) -> jax.Array:
-        """LM head over final-normed hidden states `[..., D]` → float32 logits `[..., V]`."""
-        if self.config.tie_word_embeddings:
-            head_dv = self.embed_tokens[...].T
+        if precision is Precision.STANDARD:
+            scores_bksq = jnp.einsum("bksh,bkqh->bksq", keys_bksh.astype(jnp.float32),
+                                     q_bkqh.astype(jnp.float32))
         else:
-            head_dv = self.lm_head[...]
-        return (hidden_xd @ head_dv).astype(jnp.float32)
+            scores_bksq = numerics.batched_matmul(keys_bksh, jnp.swapaxes(q_bkqh, -1, -2), precision=precision)
+        scores_bksq = scores_bksq * cfg.head_dim ** -0.5
+        scores_bkgts = jnp.swapaxes(scores_bksq, -1, -2).reshape(b, kv_heads, g, t, -1)
+        probs_bkgts = numerics.softmax(scores_bkgts, axis=-1, where=is_visible_bts[:, None, None],
+                                       precision=precision)
+        probs_bkqs = probs_bkgts.reshape(b, kv_heads, g * t, -1)
+        if precision is Precision.STANDARD:
+            out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkqs, values_bksh.astype(jnp.float32))
+        elif precision is Precision.HIGH:
+            out_bkqh = numerics.batched_matmul(probs_bkqs, values_bksh, precision=precision)
+        else:  # a double-word, on to o_proj
+            out_bkqh = numerics.exact_batched_matmul(probs_bkqs, values_bksh)
+
+        def heads_last(out_bkqh):
+            return out_bkqh.reshape(b, kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4) \
+                .reshape(b, t, cfg.num_heads * cfg.head_dim)
+
+        out_btd = jax.tree.map(heads_last, out_bkqh)
+        if precision is Precision.STANDARD:
+            out_btd = out_btd.astype(w["o_proj"].dtype)
+        return _project_out(out_btd, w["o_proj"], precision)
+
+    def _mlp(self, x_btd, w, precision):
+        cfg = self.config
+        h_btd = rms_norm(x_btd, w["post_attention_norm"], cfg.rms_norm_eps, precision)
+        gate_btf = numerics.matmul(h_btd, w["gate_proj"], precision=precision)
+        up_btf = numerics.matmul(h_btd, w["up_proj"], precision=precision)
+        if precision is Precision.ULTRA:  # keep the product's rounding error for down_proj
+            return _project_out(numerics.two_product(jax.nn.silu(gate_btf), up_btf), w["down_proj"], precision)
+        return _project_out(jax.nn.silu(gate_btf) * up_btf, w["down_proj"], precision)
+
+    def logits(self, hidden_xd: jax.Array, *, precision: Precision = Precision.STANDARD) -> jax.Array:
+        """LM head over final-normed hidden states `[..., D]` → float32 logits `[..., V]`
+        (HIGH and ULTRA: computed in float32)."""
+        return numerics.matmul(hidden_xd, self.lm_head_weights(), precision=precision).astype(jnp.float32)
+
+    def lm_head_weights(self) -> jax.Array:
+        """`[D, V]`: the tied embedding's transpose, or the LM head."""
+        return self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]

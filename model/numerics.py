@@ -91,7 +91,7 @@ def two_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return fast_two_sum(p, e1 + e2 + e3)
 
 
-def _dw_add(x_hi, x_lo, y_hi, y_lo):
+def double_word_add(x_hi, x_lo, y_hi, y_lo):
     """(x_hi + x_lo) + (y_hi + y_lo) as a normalised double-word (AccurateDWPlusDW)."""
     s_hi, s_lo = two_sum(x_hi, y_hi)
     t_hi, t_lo = two_sum(x_lo, y_lo)
@@ -117,7 +117,7 @@ def double_word_sum(hi: jax.Array, lo: jax.Array | None = None, axis: int = -1,
     while hi.shape[-1] > 1:
         pairs = hi.shape[:-1] + (hi.shape[-1] // 2, 2)
         hi, lo = hi.reshape(pairs), lo.reshape(pairs)
-        hi, lo = _dw_add(hi[..., 0], lo[..., 0], hi[..., 1], lo[..., 1])
+        hi, lo = double_word_add(hi[..., 0], lo[..., 0], hi[..., 1], lo[..., 1])
     if keepdims:
         return jnp.moveaxis(hi, -1, axis), jnp.moveaxis(lo, -1, axis)
     return hi[..., 0], lo[..., 0]
@@ -137,6 +137,94 @@ def compensated_dot(a: jax.Array, b: jax.Array, axis: int = -1, keepdims: bool =
 
 
 # -- the reductions the model uses -----------------------------------------------------------
+
+# ULTRA's matmuls (the Ozaki scheme): K is cut into chunks of EXACT_CHUNK terms;
+# within a chunk each row of x and each column of w is cut into EXACT_SLICES
+# slices of EXACT_SLICE_BITS bits at a common power-of-two scale, so every
+# slice-by-slice partial product is a sum of at most 2**(2 * 8 + 8) = 2**24
+# integers times one scale: exact in float32, in any order, on any matmul
+# unit. The chunk and slice results are then added by a compensated sum.
+EXACT_CHUNK = 256
+EXACT_SLICE_BITS = 8
+EXACT_SLICES = 4  # 32 bits below each chunk's largest entry, beyond float32's 24
+
+
+def matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array, *,
+           precision: Precision = STANDARD) -> jax.Array:
+    """x `[..., K]` @ w `[K, N]` (x a double-word only under ULTRA).
+
+    STANDARD: XLA's matmul in the operands' dtype. HIGH: float32 at HIGHEST
+    precision. ULTRA: error-free slice products (see EXACT_CHUNK), whose
+    result does not depend on the matmul's order of accumulation, so it is
+    the same whatever the batch.
+    """
+    if precision is Precision.ULTRA:
+        return exact_matmul(x, w)[0]
+    if isinstance(x, tuple):  # a double-word from an ULTRA-only path
+        x = x[0]
+    if precision is Precision.STANDARD:
+        return x @ w
+    return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def exact_matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ULTRA's x @ w as a double-word (hi, lo): hi is the product rounded once.
+
+    `x` may be a double-word itself: its lo part goes through the same
+    error-free matmul (a plain one would round in an order that depends on
+    the batch) and is added on.
+    """
+    x_hi, x_lo = x if isinstance(x, tuple) else (x, None)
+    x_sgc = _slices(_k_chunks(x_hi.astype(jnp.float32), -1), axis=-1)  # [S, ..., G, C]
+    w = w.astype(jnp.float32)
+    w_sgcn = _slices(_k_chunks(w, 0), axis=1)  # [S, G, C, N]
+    partial = jnp.einsum("i...gc,jgcn->...gijn", x_sgc, w_sgcn, precision=jax.lax.Precision.HIGHEST)
+    hi, lo = double_word_sum(partial.reshape(partial.shape[:-4] + (-1, partial.shape[-1])), axis=-2)
+    if x_lo is None:
+        return hi, lo
+    return double_word_add(hi, lo, *exact_matmul(x_lo, w))
+
+
+def batched_matmul(a: jax.Array, b: jax.Array, *, precision: Precision = STANDARD) -> jax.Array:
+    """a `[..., M, K]` @ b `[..., K, N]` over the same leading dimensions, in float32;
+    ULTRA's is error-free as `matmul`'s."""
+    if precision is Precision.ULTRA:
+        return exact_batched_matmul(a, b)[0]
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST if precision.is_compensated else None)
+
+
+def exact_batched_matmul(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ULTRA's a @ b over leading dimensions, as a double-word (hi, lo)."""
+    a_smgc = _slices(_k_chunks(a.astype(jnp.float32), -1), axis=-1)  # [S, ..., M, G, C]
+    b_sgcn = _slices(_k_chunks(b.astype(jnp.float32), -2), axis=-2)  # [S, ..., G, C, N]
+    partial = jnp.einsum("i...mgc,j...gcn->...mgijn", a_smgc, b_sgcn, precision=jax.lax.Precision.HIGHEST)
+    return double_word_sum(partial.reshape(partial.shape[:-4] + (-1, partial.shape[-1])), axis=-2)
+
+
+def _k_chunks(x: jax.Array, axis: int) -> jax.Array:
+    """`axis` (K) padded with zeros to whole chunks and split in place into [K / chunk, chunk]."""
+    axis = axis % x.ndim
+    k = x.shape[axis]
+    chunks = -(-k // EXACT_CHUNK)
+    if chunks * EXACT_CHUNK != k:  # zero terms change no partial sum
+        padding = [(0, 0)] * x.ndim
+        padding[axis] = (0, chunks * EXACT_CHUNK - k)
+        x = jnp.pad(x, padding)
+    return x.reshape(x.shape[:axis] + (chunks, EXACT_CHUNK) + x.shape[axis + 1:])
+
+
+def _slices(x: jax.Array, axis: int) -> jax.Array:
+    """`[EXACT_SLICES, *x.shape]`: x ≈ their sum; along `axis` each slice is an integer of at
+    most EXACT_SLICE_BITS bits times one power of two (what is left after the last is dropped)."""
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=axis, keepdims=True))  # |x| < 2**exponent
+    rest, slices = x, []
+    for i in range(EXACT_SLICES):
+        unit = jnp.ldexp(jnp.float32(1.0), exponent - EXACT_SLICE_BITS * (i + 1))
+        piece = jnp.round(rest / unit) * unit  # powers of two: every step is exact
+        slices.append(piece)
+        rest = rest - piece
+    return jnp.stack(slices)
 
 
 def sum_(x: jax.Array, axis: int = -1, keepdims: bool = False, *, precision: Precision = STANDARD) -> jax.Array:
