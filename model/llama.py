@@ -63,17 +63,20 @@ def layer_weight_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def rms_norm(x_btd: jax.Array, weight_d: jax.Array, eps: float, precision: Precision = Precision.STANDARD
-             ) -> jax.Array:
+def rms_norm(x_btd, weight_d: jax.Array, eps: float, precision: Precision = Precision.STANDARD):
     """RMSNorm (Zhang & Sennrich, 2019) in float32, cast back to the input dtype
-    before the weight multiplies, as HF Llama does (HIGH stays in float32; ULTRA
-    returns a double-word (hi, lo) for the matmuls that follow)."""
+    before the weight multiplies, as HF Llama does. HIGH stays in float32; ULTRA
+    takes and returns double-words (hi, lo), its scale exact to about 2**-46."""
+    if precision is Precision.ULTRA:
+        x_hi, x_lo = x_btd if isinstance(x_btd, tuple) else (x_btd, jnp.zeros_like(x_btd))
+        scale_hi, scale_lo = numerics.double_word_rms_scale(x_hi, x_lo, eps)
+        normed, normed_error = numerics.two_product(x_hi, scale_hi)
+        normed_error = normed_error + x_hi * scale_lo + x_lo * scale_hi
+        weight_d = weight_d.astype(jnp.float32)
+        out, out_error = numerics.two_product(weight_d, normed)
+        return out, out_error + weight_d * normed_error
     x = x_btd.astype(jnp.float32)
-    scale = jax.lax.rsqrt(numerics.mean_square(x, axis=-1, precision=precision) + eps)
-    if precision is Precision.ULTRA:  # a double-word: the two products' rounding errors kept
-        normed, normed_error = numerics.two_product(x, scale)
-        out, out_error = numerics.two_product(weight_d.astype(jnp.float32), normed)
-        return out, out_error + weight_d.astype(jnp.float32) * normed_error
+    scale = numerics.rsqrt(numerics.mean_square(x, axis=-1, precision=precision) + eps, precision=precision)
     normed = x * scale
     if precision.is_compensated:
         return weight_d.astype(jnp.float32) * normed
@@ -162,7 +165,7 @@ class LlamaForCausalLM(nnx.Module):
         def layer_step(carry, layer_in):
             x, k_cache, v_cache = carry
             w, layer = layer_in
-            h_btd = rms_norm(_value(x), w["input_norm"], cfg.rms_norm_eps, precision)
+            h_btd = rms_norm(x, w["input_norm"], cfg.rms_norm_eps, precision)
             q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h, precision)
             # Write first, then read: this step's tokens attend to each other
             # through the cache, exactly as later steps will see them.
@@ -170,12 +173,12 @@ class LlamaForCausalLM(nnx.Module):
             v_cache = write_layer(v_cache, layer, v_btkh, page_bt, slot_bt)
             x = _add(x, self._attend(q_btnh, read_layer(k_cache, layer, block_tables_bp),
                                      read_layer(v_cache, layer, block_tables_bp), is_visible_bts, w, precision))
-            return (_add(x, self._mlp(_value(x), w, precision)), k_cache, v_cache), None
+            return (_add(x, self._mlp(x, w, precision)), k_cache, v_cache), None
 
         layer_ids = jnp.arange(cfg.num_layers)
         (x, k_cache, v_cache), _ = jax.lax.scan(
             layer_step, (_residual(x_btd, precision), kv.k, kv.v), (self.layers.weights(), layer_ids))
-        return rms_norm(_value(x), self.final_norm[...], cfg.rms_norm_eps, precision), KVCache(k_cache, v_cache)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, precision), KVCache(k_cache, v_cache)
 
     def hidden_states(self, token_ids_bt: jax.Array, is_valid_bt: jax.Array, *,
                       precision: Precision = Precision.STANDARD) -> jax.Array:
@@ -198,17 +201,17 @@ class LlamaForCausalLM(nnx.Module):
         is_visible_bts = is_visible_tt[None] & (is_valid_bt[:, None, :] | jnp.eye(t, dtype=bool)[None])
 
         def layer_step(x, w):
-            h_btd = rms_norm(_value(x), w["input_norm"], cfg.rms_norm_eps, precision)
+            h_btd = rms_norm(x, w["input_norm"], cfg.rms_norm_eps, precision)
             q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h, precision)
             # Padding's values are zeroed: ULTRA scales each value column by its
             # largest entry, which must not depend on what the padding holds.
             v_btkh = jnp.where(is_valid_bt[:, :, None, None], v_btkh, 0.0)
             x = _add(x, self._attend(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3),
                                      is_visible_bts, w, precision))
-            return _add(x, self._mlp(_value(x), w, precision)), None
+            return _add(x, self._mlp(x, w, precision)), None
 
         x, _ = jax.lax.scan(layer_step, _residual(x_btd, precision), self.layers.weights())
-        return rms_norm(_value(x), self.final_norm[...], cfg.rms_norm_eps, precision)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, precision)
 
     def _embed(self, token_ids_bt, precision):
         x_btd = self.embed_tokens[...][token_ids_bt]
@@ -268,9 +271,10 @@ class LlamaForCausalLM(nnx.Module):
         h_btd = rms_norm(x_btd, w["post_attention_norm"], cfg.rms_norm_eps, precision)
         gate_btf = numerics.matmul(h_btd, w["gate_proj"], precision=precision)
         up_btf = numerics.matmul(h_btd, w["up_proj"], precision=precision)
+        activated_btf = numerics.silu(gate_btf, precision=precision)
         if precision is Precision.ULTRA:  # keep the product's rounding error for down_proj
-            return _project_out(numerics.two_product(jax.nn.silu(gate_btf), up_btf), w["down_proj"], precision)
-        return _project_out(jax.nn.silu(gate_btf) * up_btf, w["down_proj"], precision)
+            return _project_out(numerics.two_product(activated_btf, up_btf), w["down_proj"], precision)
+        return _project_out(activated_btf * up_btf, w["down_proj"], precision)
 
     def logits(self, hidden_xd: jax.Array, *, precision: Precision = Precision.STANDARD) -> jax.Array:
         """LM head over final-normed hidden states `[..., D]` → float32 logits `[..., V]`

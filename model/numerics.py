@@ -136,68 +136,162 @@ def compensated_dot(a: jax.Array, b: jax.Array, axis: int = -1, keepdims: bool =
     return hi
 
 
-# -- the reductions the model uses -----------------------------------------------------------
+def double_word_rms_scale(x_hi: jax.Array, x_lo: jax.Array, eps: float, axis: int = -1
+                          ) -> tuple[jax.Array, jax.Array]:
+    """1/√(mean(x²) + eps) over `axis` (kept) for x = x_hi + x_lo, as a double-word.
 
-# ULTRA's matmuls (the Ozaki scheme): K is cut into chunks of EXACT_CHUNK terms;
-# within a chunk each row of x and each column of w is cut into EXACT_SLICES
-# slices of EXACT_SLICE_BITS bits at a common power-of-two scale, so every
-# slice-by-slice partial product is a sum of at most 2**(2 * 8 + 8) = 2**24
-# integers times one scale: exact in float32, in any order, on any matmul
-# unit. The chunk and slice results are then added by a compensated sum.
+    The mean square is a double-word (exact squares, a compensated sum, an
+    exact remainder for the division by n); one Newton step on the float32
+    reciprocal square root recovers the bits below it.
+    """
+    square, square_error = two_product(x_hi, x_hi)
+    s_hi, s_lo = double_word_sum(square, square_error + 2.0 * x_hi * x_lo, axis=axis, keepdims=True)
+    n = float(x_hi.shape[axis])
+    q_hi = s_hi / n
+    back, back_error = two_product(q_hi, jnp.full_like(q_hi, n))  # q_hi·n exactly
+    q_lo = ((s_hi - back) - back_error + s_lo) / n
+    v_hi, v_lo = double_word_add(q_hi, q_lo, jnp.full_like(q_hi, eps), jnp.zeros_like(q_hi))
+    r = 1.0 / jnp.sqrt(v_hi)
+    r2_hi, r2_lo = two_product(r, r)
+    t_hi, t_error = two_product(v_hi, r2_hi)
+    residual = (1.0 - t_hi) - (t_error + v_hi * r2_lo + v_lo * r2_hi)  # 1 − v·r², t_hi ≈ 1
+    return r, r * 0.5 * residual
+
+
+# -- elementwise functions that give the same bits in any array ------------------------------
+#
+# XLA:CPU evaluates exp, log, logistic and rsqrt by one method in its
+# vectorised loop and another in the loop's scalar remainder, so an element's
+# value can change with the array's size (measured: exp(x - max) over a
+# softmax row changed in the last bit when the batch grew). HIGH and ULTRA
+# use these instead: range reduction and polynomials in +, ×, floor and
+# exponent bits, each correctly rounded wherever it runs.
+
+_LN2_HI = 0.693145751953125  # ln 2 with its low bits cleared: k·_LN2_HI is exact for |k| < 2**9
+_LN2_LO = 1.428606765330187e-06  # ln 2 − _LN2_HI
+
+
+def exp(x: jax.Array, *, precision: Precision = STANDARD) -> jax.Array:
+    """e**x in float32 (within 2 ulps under HIGH and ULTRA; 0 below e**-87, inf above e**88.7)."""
+    if not precision.is_compensated:
+        return jnp.exp(x)
+    x = x.astype(jnp.float32)
+    clipped = jnp.clip(x, -87.0, 88.72)
+    k = jnp.floor(clipped * 1.4426950408889634 + 0.5)  # up to 128
+    r = (clipped - k * _LN2_HI) - k * _LN2_LO  # |r| <= ln2 / 2, a little more at the ends
+    poly = 1.0 / 5040
+    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):  # Taylor to r**7: below float32's ulp
+        poly = poly * r + c
+    # 2**k as two powers of two, each a normal float32 for any k in [-126, 128].
+    k = k.astype(jnp.int32)
+    k_half = k >> 1
+    out = (poly * _power_of_two(k_half)) * _power_of_two(k - k_half)
+    return jnp.where(x < -87.0, 0.0, jnp.where(x > 88.72, jnp.inf, out))
+
+
+def _power_of_two(k: jax.Array) -> jax.Array:
+    """2**k for int32 k in [-126, 127], from its exponent bits."""
+    return jax.lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
+
+
+def log(x: jax.Array, *, precision: Precision = STANDARD) -> jax.Array:
+    """Natural log in float32, of positive normal x under HIGH and ULTRA (within 2 ulps)."""
+    if not precision.is_compensated:
+        return jnp.log(x)
+    x = x.astype(jnp.float32)
+    mantissa, exponent = jnp.frexp(x)  # x = m·2**e, m in [0.5, 1)
+    is_low = mantissa < 0.7071067811865476
+    mantissa = jnp.where(is_low, mantissa * 2.0, mantissa)  # now in [√½, √2)
+    e = (exponent - is_low.astype(exponent.dtype)).astype(jnp.float32)
+    s = (mantissa - 1.0) / (mantissa + 1.0)  # log m = 2·atanh(s), |s| < 0.172
+    s2 = s * s
+    series = 1.0 / 13
+    for c in (1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5, 1.0 / 3, 1.0):
+        series = series * s2 + c
+    return (e * _LN2_HI + 2.0 * s * series) + e * _LN2_LO
+
+
+def rsqrt(x: jax.Array, *, precision: Precision = STANDARD) -> jax.Array:
+    """1/√x; under HIGH and ULTRA from the correctly rounded square root and division."""
+    return 1.0 / jnp.sqrt(x) if precision.is_compensated else jax.lax.rsqrt(x)
+
+
+def silu(x: jax.Array, *, precision: Precision = STANDARD) -> jax.Array:
+    """x·sigmoid(x) (SiLU); under HIGH and ULTRA through `exp`."""
+    if not precision.is_compensated:
+        return jax.nn.silu(x)
+    return x / (1.0 + exp(-x, precision=precision))
+
+
+# -- matmuls --------------------------------------------------------------------------------
+
+# HIGH's and ULTRA's matmuls (the Ozaki scheme): K is cut into chunks of
+# EXACT_CHUNK terms; within a chunk each row of x and each column of w is cut
+# into slices of EXACT_SLICE_BITS bits at a common power-of-two scale, so
+# every slice-by-slice partial product is a sum of at most 2**(2 * 8 + 8) =
+# 2**24 integers times one scale: exact in float32, in any order, on any
+# matmul unit. The chunk and slice results are then added by a compensated
+# sum. What the last slice leaves out is dropped — the same bits whatever
+# the batch, so the result never depends on it.
 EXACT_CHUNK = 256
 EXACT_SLICE_BITS = 8
-EXACT_SLICES = 4  # 32 bits below each chunk's largest entry, beyond float32's 24
+# Slices of (activations, weights): HIGH keeps 24 bits of activations
+# (float32's own) and of float32 weights, 16 of bfloat16 weights (exact for
+# one within 8 binades of its column's largest); ULTRA 32 of each, beyond
+# float32's 24.
+EXACT_SLICES = {Precision.HIGH: (3, 3), Precision.ULTRA: (4, 4)}
+_HIGH_BF16_WEIGHT_SLICES = 2
 
 
 def matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array, *,
            precision: Precision = STANDARD) -> jax.Array:
     """x `[..., K]` @ w `[K, N]` (x a double-word only under ULTRA).
 
-    STANDARD: XLA's matmul in the operands' dtype. HIGH: float32 at HIGHEST
-    precision. ULTRA: error-free slice products (see EXACT_CHUNK), whose
-    result does not depend on the matmul's order of accumulation, so it is
-    the same whatever the batch.
+    STANDARD: XLA's matmul in the operands' dtype. HIGH and ULTRA: sliced,
+    error-free products (see EXACT_CHUNK), whose result does not depend on
+    the matmul's order of accumulation, so it is the same whatever the batch.
     """
-    if precision is Precision.ULTRA:
-        return exact_matmul(x, w)[0]
-    if isinstance(x, tuple):  # a double-word from an ULTRA-only path
-        x = x[0]
     if precision is Precision.STANDARD:
         return x @ w
-    return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return exact_matmul(x, w, precision=precision)[0]
 
 
-def exact_matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """ULTRA's x @ w as a double-word (hi, lo): hi is the product rounded once.
+def exact_matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array, *,
+                 precision: Precision = Precision.ULTRA) -> tuple[jax.Array, jax.Array]:
+    """x @ w as a double-word (hi, lo), from HIGH's or ULTRA's slices.
 
     `x` may be a double-word itself: its lo part goes through the same
     error-free matmul (a plain one would round in an order that depends on
     the batch) and is added on.
     """
     x_hi, x_lo = x if isinstance(x, tuple) else (x, None)
-    x_sgc = _slices(_k_chunks(x_hi.astype(jnp.float32), -1), axis=-1)  # [S, ..., G, C]
+    x_slices, w_slices = EXACT_SLICES[precision]
+    if precision is Precision.HIGH and w.dtype == jnp.bfloat16:
+        w_slices = _HIGH_BF16_WEIGHT_SLICES
+    x_sgc = _slices(_k_chunks(x_hi.astype(jnp.float32), -1), axis=-1, count=x_slices)  # [S, ..., G, C]
     w = w.astype(jnp.float32)
-    w_sgcn = _slices(_k_chunks(w, 0), axis=1)  # [S, G, C, N]
+    w_sgcn = _slices(_k_chunks(w, 0), axis=1, count=w_slices)  # [S, G, C, N]
     partial = jnp.einsum("i...gc,jgcn->...gijn", x_sgc, w_sgcn, precision=jax.lax.Precision.HIGHEST)
     hi, lo = double_word_sum(partial.reshape(partial.shape[:-4] + (-1, partial.shape[-1])), axis=-2)
     if x_lo is None:
         return hi, lo
-    return double_word_add(hi, lo, *exact_matmul(x_lo, w))
+    return double_word_add(hi, lo, *exact_matmul(x_lo, w, precision=precision))
 
 
 def batched_matmul(a: jax.Array, b: jax.Array, *, precision: Precision = STANDARD) -> jax.Array:
     """a `[..., M, K]` @ b `[..., K, N]` over the same leading dimensions, in float32;
-    ULTRA's is error-free as `matmul`'s."""
-    if precision is Precision.ULTRA:
-        return exact_batched_matmul(a, b)[0]
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST if precision.is_compensated else None)
+    HIGH's and ULTRA's are error-free as `matmul`'s (activation slices on both sides)."""
+    if precision is Precision.STANDARD:
+        return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+    return exact_batched_matmul(a, b, precision=precision)[0]
 
 
-def exact_batched_matmul(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """ULTRA's a @ b over leading dimensions, as a double-word (hi, lo)."""
-    a_smgc = _slices(_k_chunks(a.astype(jnp.float32), -1), axis=-1)  # [S, ..., M, G, C]
-    b_sgcn = _slices(_k_chunks(b.astype(jnp.float32), -2), axis=-2)  # [S, ..., G, C, N]
+def exact_batched_matmul(a: jax.Array, b: jax.Array, *,
+                         precision: Precision = Precision.ULTRA) -> tuple[jax.Array, jax.Array]:
+    """a @ b over leading dimensions, as a double-word (hi, lo)."""
+    count = EXACT_SLICES[precision][0]
+    a_smgc = _slices(_k_chunks(a.astype(jnp.float32), -1), axis=-1, count=count)  # [S, ..., M, G, C]
+    b_sgcn = _slices(_k_chunks(b.astype(jnp.float32), -2), axis=-2, count=count)  # [S, ..., G, C, N]
     partial = jnp.einsum("i...mgc,j...gcn->...mgijn", a_smgc, b_sgcn, precision=jax.lax.Precision.HIGHEST)
     return double_word_sum(partial.reshape(partial.shape[:-4] + (-1, partial.shape[-1])), axis=-2)
 
@@ -214,17 +308,20 @@ def _k_chunks(x: jax.Array, axis: int) -> jax.Array:
     return x.reshape(x.shape[:axis] + (chunks, EXACT_CHUNK) + x.shape[axis + 1:])
 
 
-def _slices(x: jax.Array, axis: int) -> jax.Array:
-    """`[EXACT_SLICES, *x.shape]`: x ≈ their sum; along `axis` each slice is an integer of at
-    most EXACT_SLICE_BITS bits times one power of two (what is left after the last is dropped)."""
+def _slices(x: jax.Array, axis: int, count: int) -> jax.Array:
+    """`[count, *x.shape]`: x ≈ their sum; along `axis` each slice is an integer of at most
+    EXACT_SLICE_BITS bits times one power of two (what is left after the last is dropped)."""
     _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=axis, keepdims=True))  # |x| < 2**exponent
     rest, slices = x, []
-    for i in range(EXACT_SLICES):
+    for i in range(count):
         unit = jnp.ldexp(jnp.float32(1.0), exponent - EXACT_SLICE_BITS * (i + 1))
         piece = jnp.round(rest / unit) * unit  # powers of two: every step is exact
         slices.append(piece)
         rest = rest - piece
     return jnp.stack(slices)
+
+
+# -- the reductions the model uses -----------------------------------------------------------
 
 
 def sum_(x: jax.Array, axis: int = -1, keepdims: bool = False, *, precision: Precision = STANDARD) -> jax.Array:
@@ -259,7 +356,7 @@ def softmax(x: jax.Array, axis: int = -1, where: jax.Array | None = None, *,
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
     shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    unnormalised = jnp.exp(shifted)
+    unnormalised = exp(shifted, precision=precision)
     return unnormalised / sum_(unnormalised, axis=axis, keepdims=True, precision=precision)
 
 
@@ -270,7 +367,8 @@ def logsumexp(x: jax.Array, axis: int = -1, keepdims: bool = False, where: jax.A
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
     peak = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    out = peak + jnp.log(sum_(jnp.exp(x - peak), axis=axis, keepdims=True, precision=precision))
+    out = peak + log(sum_(exp(x - peak, precision=precision), axis=axis, keepdims=True, precision=precision),
+                     precision=precision)
     return out if keepdims else jnp.squeeze(out, axis=axis)
 
 
@@ -278,4 +376,5 @@ def log_softmax(x: jax.Array, axis: int = -1, *, precision: Precision = STANDARD
     """log(softmax(x)) over `axis`, computed as x - max - log(sum(exp(x - max)))."""
     x = x.astype(jnp.float32)
     shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    return shifted - jnp.log(sum_(jnp.exp(shifted), axis=axis, keepdims=True, precision=precision))
+    total = sum_(exp(shifted, precision=precision), axis=axis, keepdims=True, precision=precision)
+    return shifted - log(total, precision=precision)

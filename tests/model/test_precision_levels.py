@@ -1,8 +1,9 @@
 """Precision levels of the decoder against a float64 forward of the same
-weights (HF transformers, PyTorch CPU, `.double()`), on a tiny random Llama.
+weights (HF transformers, PyTorch CPU, `.double()`), on a tiny random Llama,
+and their batch invariance.
 
 The numerics issue's acceptance figures (SmolLM2, 3 prompts) come from
-`python -m bench.numerics`; this test keeps the direction honest in CI."""
+`python -m bench.numerics`; these tests keep the direction honest in CI."""
 
 from __future__ import annotations
 
@@ -18,13 +19,11 @@ from checkpoints.safetensors_dir import load_decoder
 from model.numerics import Precision
 from tests.hf_reference import save_tiny_model
 
+SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2)
 
-@pytest.fixture(scope="module")
-def errors(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-precision")
-    hf_model = save_tiny_model("llama", folder, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=2).double()
-    _, model = load_decoder(folder)
+
+def _logits_fn(model):
     graphdef, state = nnx.split(model)
 
     @functools.partial(jax.jit, static_argnums=(0,))
@@ -32,16 +31,57 @@ def errors(tmp_path_factory):
         m = nnx.merge(graphdef, state)
         return m.logits(m.hidden_states(ids, valid, precision=precision), precision=precision)
 
+    return lambda precision, ids, valid: np.asarray(logits(precision, state, ids, valid))
+
+
+def _errors(folder, hf_model) -> dict[Precision, float]:
+    _, model = load_decoder(folder)
+    logits = _logits_fn(model)
     ids = np.random.default_rng(0).integers(0, 256, (1, 40)).astype(np.int32)
     with torch.no_grad():
-        reference = hf_model(torch.tensor(ids)).logits[0].numpy()
-    return {p: float(np.abs(np.asarray(logits(p, state, ids, np.ones_like(ids, bool)))[0] - reference).max())
-            for p in Precision}
+        reference = hf_model.double()(torch.tensor(ids)).logits[0].numpy()
+    return {p: float(np.abs(logits(p, ids, np.ones_like(ids, bool))[0] - reference).max()) for p in Precision}
 
 
-def test_ultra_is_closer_to_float64_than_plain_float32(errors):
-    assert errors[Precision.ULTRA] * 2 <= errors[Precision.STANDARD], errors  # 3.0x measured
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-precision")
+    return folder, save_tiny_model("llama", folder, **SHAPE)
 
 
-def test_high_is_no_worse_than_plain_float32(errors):
-    assert errors[Precision.HIGH] <= 1.5 * errors[Precision.STANDARD], errors
+def test_ultra_is_closer_to_float64_than_plain_float32(tiny):
+    errors = _errors(*tiny)
+    assert errors[Precision.ULTRA] * 3 <= errors[Precision.STANDARD], errors
+
+
+def test_high_is_no_worse_than_plain_float32_at_bfloat16_weights(tmp_path):
+    hf_model = save_tiny_model("llama", tmp_path / "f32", **SHAPE)
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    hf_model.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    errors = _errors(tmp_path / "bf16", hf_model)
+    assert errors[Precision.HIGH] <= errors[Precision.STANDARD], errors
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+def test_a_row_gives_the_same_bits_in_any_batch(tiny, precision):
+    """A needle prompt alone, then at random rows of padded batches of 8 to 32 random prompts:
+    bitwise the same logits under HIGH and ULTRA. STANDARD is the control: reported, not required."""
+    _, model = load_decoder(tiny[0])
+    logits = _logits_fn(model)
+    rng = np.random.default_rng(1)
+    needle = rng.integers(0, 256, 13).astype(np.int32)
+    alone = logits(precision, needle[None], np.ones((1, 13), bool))[0]
+    differences = []
+    for rows, tokens in ((8, 16), (16, 32), (32, 64)):
+        ids = rng.integers(0, 256, (rows, tokens)).astype(np.int32)
+        valid = np.arange(tokens)[None, :] < rng.integers(1, tokens + 1, (rows, 1))
+        row = int(rng.integers(rows))
+        ids[row], valid[row] = 0, False
+        ids[row, :13], valid[row, :13] = needle, True
+        batched = logits(precision, ids, valid)[row, :13]
+        differences.append(float(np.abs(batched - alone).max()))
+        if precision is not Precision.STANDARD:
+            assert batched.tobytes() == alone.tobytes(), (rows, tokens, differences)
+    print(f"{precision.value}: largest difference from alone {max(differences):.3g}")
