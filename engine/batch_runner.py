@@ -38,6 +38,7 @@ from engine.sampling import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import TokenLogprobs
 from model import numerics
+from model.numerics import Precision
 from model.kv_cache import KVCache
 from model.llama import LlamaForCausalLM
 
@@ -96,16 +97,21 @@ class BatchRunner:
     def execute(self, scheduled: SchedulerOutput, block_tables: dict[int, list[int]]) -> dict[int, StepOutput]:
         """Run the step; keys are seq_ids of the chunks that sampled or asked for prompt logprobs."""
         results: dict[int, StepOutput] = {}
-        if scheduled.decodes:
-            results.update(self._run(scheduled.decodes, block_tables, is_decode=True))
-        groups: dict[int, list[ScheduledChunk]] = {}
+        # One call per precision level (a static argument of the programs).
+        decodes: dict[Precision, list[ScheduledChunk]] = {}
+        for chunk in scheduled.decodes:
+            decodes.setdefault(_precision(chunk), []).append(chunk)
+        for precision, chunks in decodes.items():
+            results.update(self._run(chunks, block_tables, is_decode=True, precision=precision))
+        groups: dict[tuple[Precision, int], list[ScheduledChunk]] = {}
         for chunk in scheduled.prefills:
-            groups.setdefault(self._length_bucket(chunk.num_tokens), []).append(chunk)
-        for chunks in groups.values():
-            results.update(self._run(chunks, block_tables, is_decode=False))
+            groups.setdefault((_precision(chunk), self._length_bucket(chunk.num_tokens)), []).append(chunk)
+        for (precision, _), chunks in groups.items():
+            results.update(self._run(chunks, block_tables, is_decode=False, precision=precision))
         return results
 
-    def _run(self, chunks: Seq[ScheduledChunk], block_tables, *, is_decode: bool) -> dict[int, StepOutput]:
+    def _run(self, chunks: Seq[ScheduledChunk], block_tables, *, is_decode: bool,
+             precision: Precision) -> dict[int, StepOutput]:
         b = bucket(len(chunks))
         t = 1 if is_decode else self._length_bucket(max(c.num_tokens for c in chunks))
         max_pages = max(-(-(c.start + c.num_tokens) // self.block_size) for c in chunks)
@@ -136,11 +142,12 @@ class BatchRunner:
             c.seq.params.prompt_logprobs is not None for c in chunks)
         buffer, layout = pack((token_ids, positions, tables, is_valid, arrays, next_ids))
         logits_bv, sampling, prompt, self.kv = self._step(layout, self.state, self.kv, buffer,
-                                                         with_prompt_logprobs=wants_prompt_logprobs)
+                                                         with_prompt_logprobs=wants_prompt_logprobs,
+                                                         precision=precision)
         # Static: a batch without logprobs skips the log-softmax.
         num_top_logprobs = MAX_LOGPROBS if wants_logprobs else 0
         sample = sample_tokens(logits_bv, sampling, num_top_logprobs=num_top_logprobs,
-                               with_logprobs=num_top_logprobs > 0)
+                               with_logprobs=num_top_logprobs > 0, precision=precision)
         return self._unpack(chunks, sample, prompt)
 
     def _sampling_row(self, chunk: ScheduledChunk) -> SamplingRow:
@@ -181,8 +188,8 @@ class BatchRunner:
         return results
 
     # -- compile ahead -----------------------------------------------------------
-    def warmup(self) -> int:
-        """Compile every bucketed program (greedy, no logprobs); returns how many."""
+    def warmup(self, precision: Precision = Precision.STANDARD) -> int:
+        """Compile every bucketed program (greedy, no logprobs) at `precision`; returns how many."""
         shapes = self.bucket_shapes()
         sampled_batches = set()
         for b, t, p in shapes:
@@ -192,13 +199,17 @@ class BatchRunner:
             buffer, layout = pack((zeros, zeros, np.zeros((b, p), np.int32), np.zeros((b, t), bool),
                                    arrays, zeros))
             logits_bv, sampling, _, self.kv = self._step(layout, self.state, self.kv, buffer,
-                                                        with_prompt_logprobs=False)
+                                                        with_prompt_logprobs=False, precision=precision)
             if b not in sampled_batches:  # the sampler's shapes depend on B alone
                 sampled_batches.add(b)
                 jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0,
-                                                   with_logprobs=False))
+                                                   with_logprobs=False, precision=precision))
         jax.block_until_ready(self.kv)
         return len(shapes)
+
+
+def _precision(chunk: ScheduledChunk) -> Precision:
+    return chunk.seq.params.precision or Precision.STANDARD
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -206,26 +217,28 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2 ** i for i in range(limit.bit_length())]
 
 
-def _step(graphdef, layout: Layout, state, kv, buffer_n, *, with_prompt_logprobs: bool):
+def _step(graphdef, layout: Layout, state, kv, buffer_n, *, with_prompt_logprobs: bool,
+          precision: Precision = Precision.STANDARD):
     """Forward over the paged cache: logits `[B, V]` at each row's last valid
     token, the sampling arrays (unpacked here, so they cross to the device in
     the one buffer), prompt logprobs when asked, the updated cache."""
     token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, sampling, next_ids_bt = unpack(buffer_n, layout)
     model = nnx.merge(graphdef, state)
-    hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt)
+    hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, precision=precision)
     last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)
-    hidden_bd = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0]
+    # Under ULTRA the hidden states are a double-word (hi, lo): pick from both.
+    hidden_bd = jax.tree.map(lambda h: jnp.take_along_axis(h, last_b[:, None, None], axis=1)[:, 0], hidden_btd)
     prompt = None
     if with_prompt_logprobs:
-        logprobs_btv = numerics.log_softmax(model.logits(hidden_btd))
+        logprobs_btv = numerics.log_softmax(model.logits(hidden_btd, precision=precision), precision=precision)
         next_logprob_bt = jnp.take_along_axis(logprobs_btv, next_ids_bt[..., None], axis=-1)[..., 0]
         top_logprobs_btk, top_ids_btk = jax.lax.top_k(logprobs_btv, MAX_LOGPROBS)
         prompt = (next_logprob_bt, top_ids_btk, top_logprobs_btk)
-    return model.logits(hidden_bd), sampling, prompt, kv
+    return model.logits(hidden_bd, precision=precision), sampling, prompt, kv
 
 
 # The graph definition and the input layout are static (hashable): every
 # runner of the same architecture shares compiled programs, and weights stay
 # arguments. All other inputs arrive packed in one buffer (one transfer).
 _compiled_step = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3,),
-                         static_argnames=("with_prompt_logprobs",))
+                         static_argnames=("with_prompt_logprobs", "precision"))

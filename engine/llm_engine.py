@@ -27,6 +27,7 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence, TokenLogprobs
 from engine.text_output import TextOutput
+from model.numerics import Precision
 
 _CPU_DEFAULT_KV_BYTES = 2 * 2**30  # CPUs report no memory limit to size a fraction of
 
@@ -43,7 +44,9 @@ class EngineConfig:
     # in (0, 1]), or None for 0.9 of free memory (2 GiB on CPU).
     kv_cache_memory: int | float | None = None
     enable_prefix_caching: bool = True
-    warmup: bool = False  # compile every bucketed program at start
+    # The numerics level of requests that do not choose one (model.numerics.Precision's names).
+    precision: str = "standard"
+    warmup: bool = False  # compile every bucketed program at start (at `precision`)
     compilation_cache_dir: str | None = None  # JAX's persistent cache; None: off
 
     def __post_init__(self):
@@ -52,6 +55,8 @@ class EngineConfig:
         if isinstance(self.kv_cache_memory, float) and not 0 < self.kv_cache_memory <= 1:
             raise ValueError(f"a kv_cache_memory fraction must be in (0, 1], got {self.kv_cache_memory}")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
+        if self.precision not in {p.value for p in Precision}:
+            raise ValueError(f"precision must be one of {[p.value for p in Precision]}, got {self.precision!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,7 +138,7 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # computed, over the engine's life
         self.num_generation_tokens = 0
         if config.warmup:
-            self.runner.warmup()
+            self.runner.warmup(Precision(config.precision))
 
     # -- requests --------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -142,6 +147,8 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_ids, params)
+        if params.precision is None:
+            params = dataclasses.replace(params, precision=self.config.precision)
         arrival_time = time.time() if arrival_time is None else arrival_time
         seed = params.seed if params.seed is not None else random.getrandbits(31)
         seqs = [Sequence(request_id=request_id, choice=i, prompt_ids=list(prompt_ids), params=params,

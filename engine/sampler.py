@@ -254,9 +254,10 @@ def _draw(scaled_bv: jax.Array, a: SamplingArrays) -> jax.Array:
     return jnp.argmax(scaled_bv + gumbel_bv, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("num_top_logprobs", "with_logprobs"))
+@functools.partial(jax.jit, static_argnames=("num_top_logprobs", "with_logprobs", "precision"))
 def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
-                  num_top_logprobs: int, with_logprobs: bool = True) -> SampleResult:
+                  num_top_logprobs: int, with_logprobs: bool = True,
+                  precision: numerics.Precision = numerics.Precision.STANDARD) -> SampleResult:
     """One token per row of logits `[B, V]`, with the raw log-probs OpenAI reports.
 
     Order (vLLM's): logit bias; banned ids to -inf; repetition, frequency and
@@ -266,6 +267,8 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     static: it fixes the shape of the top-logprob outputs. `with_logprobs`
     False skips the log-softmax over the vocabulary (a pass the size of the
     logits) when no row asked for logprobs; `logprob_b` is then zero.
+    `precision` (static) picks the log-softmax's numerics: under HIGH and
+    ULTRA a row's logprobs are the same bits in any batch.
     """
     a = arrays
     b, v = logits_bv.shape
@@ -296,7 +299,7 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     token_ids_b = jnp.where(is_sampled_b, sampled_b, greedy_b).astype(jnp.int32)
 
     if with_logprobs or num_top_logprobs:
-        raw_logprobs_bv = numerics.log_softmax(logits_bv, axis=-1)
+        raw_logprobs_bv = numerics.log_softmax(logits_bv, axis=-1, precision=precision)
         logprob_b = jnp.take_along_axis(raw_logprobs_bv, token_ids_b[:, None], axis=-1)[:, 0]
     else:
         logprob_b = jnp.zeros((b,), jnp.float32)

@@ -13,6 +13,8 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
+from model.numerics import Precision
+
 
 # OpenAI's limit on returned alternatives per token (`top_logprobs`).
 MAX_LOGPROBS = 20
@@ -70,6 +72,8 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The numerics level (model.numerics.Precision or its name); None: the engine's default.
+    precision: Precision | str | None = None
 
     def __post_init__(self):
         def store(name, value):  # frozen: normalised values go in through object
@@ -104,6 +108,12 @@ class SamplingParams:
                                       for t in self.stop_token_ids or ()))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             store(name, _flag(name, getattr(self, name)))
+        if self.precision is not None:
+            try:
+                store("precision", Precision(self.precision))
+            except ValueError:
+                raise ValueError(f"precision must be one of {[p.value for p in Precision]}, "
+                                 f"got {self.precision!r}") from None
 
     def _normalised_logit_bias(self) -> tuple[tuple[int, float], ...] | None:
         if self.logit_bias is None:

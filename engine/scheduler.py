@@ -131,7 +131,7 @@ class Scheduler:
             tokens = seq.token_ids
             if seq.uses_prefix_cache:
                 seq.num_computed_tokens = self.block_manager.reference_cached_prefix(
-                    seq.seq_id, tokens, cache_salt=self.cache_salt)
+                    seq.seq_id, tokens, cache_salt=self._salt(seq))
             num_new = min(len(tokens) - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq.seq_id, seq.num_computed_tokens + num_new):
                 self.block_manager.free(seq.seq_id)  # drop the prefix references again
@@ -149,7 +149,14 @@ class Scheduler:
         seq = chunk.seq
         seq.num_computed_tokens = chunk.start + chunk.num_tokens
         self.block_manager.commit_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens,
-                                           cache_salt=self.cache_salt)
+                                           cache_salt=self._salt(seq))
+
+    def _salt(self, seq: Sequence) -> bytes:
+        # KV computed at one precision level is not reused by another.
+        level = seq.params.precision
+        if level is None or level.value == "standard":
+            return self.cache_salt
+        return self.cache_salt + b"precision:" + level.value.encode()
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

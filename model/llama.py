@@ -203,9 +203,6 @@ class LlamaForCausalLM(nnx.Module):
         def layer_step(x, w):
             h_btd = rms_norm(x, w["input_norm"], cfg.rms_norm_eps, precision)
             q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h, precision)
-            # Padding's values are zeroed: ULTRA scales each value column by its
-            # largest entry, which must not depend on what the padding holds.
-            v_btkh = jnp.where(is_valid_bt[:, :, None, None], v_btkh, 0.0)
             x = _add(x, self._attend(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3),
                                      is_visible_bts, w, precision))
             return _add(x, self._mlp(x, w, precision)), None
@@ -252,10 +249,11 @@ class LlamaForCausalLM(nnx.Module):
         probs_bkqs = probs_bkgts.reshape(b, kv_heads, g * t, -1)
         if precision is Precision.STANDARD:
             out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkqs, values_bksh.astype(jnp.float32))
-        elif precision is Precision.HIGH:
-            out_bkqh = numerics.batched_matmul(probs_bkqs, values_bksh, precision=precision)
-        else:  # a double-word, on to o_proj
-            out_bkqh = numerics.exact_batched_matmul(probs_bkqs, values_bksh)
+        else:
+            out_bkqh = numerics.exact_attention_values(probs_bkqs, values_bksh, precision=precision)
+            if precision is Precision.HIGH:
+                out_bkqh = out_bkqh[0]
+            # ULTRA: a double-word, on to o_proj
 
         def heads_last(out_bkqh):
             return out_bkqh.reshape(b, kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4) \

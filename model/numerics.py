@@ -296,6 +296,40 @@ def exact_batched_matmul(a: jax.Array, b: jax.Array, *,
     return double_word_sum(partial.reshape(partial.shape[:-4] + (-1, partial.shape[-1])), axis=-2)
 
 
+# Attention's probabilities × values: a query's row of values would be scaled
+# by the largest value it can see, which differs between a prefill (all the
+# chunk's keys) and a decode (keys up to its position). So both sides are cut
+# on fixed grids instead: probabilities (at most 1) in slices of 2**-8 … and
+# values in slices from VALUE_GRID_TOP down; a slice then never depends on
+# other entries. Values of magnitude 2**VALUE_GRID_TOP or more would no
+# longer sum exactly (still accurately); LLM attention values stay far below.
+VALUE_GRID_TOP = 16
+_VALUE_SLICES = {Precision.HIGH: 5, Precision.ULTRA: 7}  # down to 2**-24 and 2**-40
+
+
+def exact_attention_values(probs: jax.Array, values: jax.Array, *, precision: Precision
+                           ) -> tuple[jax.Array, jax.Array]:
+    """probs `[..., Q, S]` @ values `[..., S, H]` as a double-word, the same bits for a query
+    whatever other keys or queries share the call."""
+    count = EXACT_SLICES[precision][0]
+    p_smgc = _fixed_slices(_k_chunks(probs.astype(jnp.float32), -1), top=1, count=count)
+    v_sgcn = _fixed_slices(_k_chunks(values.astype(jnp.float32), -2), top=VALUE_GRID_TOP,
+                           count=_VALUE_SLICES[precision])
+    partial = jnp.einsum("i...mgc,j...gcn->...mgijn", p_smgc, v_sgcn, precision=jax.lax.Precision.HIGHEST)
+    return double_word_sum(partial.reshape(partial.shape[:-4] + (-1, partial.shape[-1])), axis=-2)
+
+
+def _fixed_slices(x: jax.Array, *, top: int, count: int) -> jax.Array:
+    """`[count, *x.shape]`: x cut at 2**(top - 8), 2**(top - 16), … whatever its neighbours."""
+    rest, slices = x, []
+    for i in range(count):
+        unit = 2.0 ** (top - EXACT_SLICE_BITS * (i + 1))
+        piece = jnp.round(rest / unit) * unit
+        slices.append(piece)
+        rest = rest - piece
+    return jnp.stack(slices)
+
+
 def _k_chunks(x: jax.Array, axis: int) -> jax.Array:
     """`axis` (K) padded with zeros to whole chunks and split in place into [K / chunk, chunk]."""
     axis = axis % x.ndim
