@@ -12,6 +12,7 @@ import re
 
 from engine.compilation_cache import default_cache_dir
 from engine.llm_engine import EngineConfig
+from model.numerics import Precision
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
           "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -47,6 +48,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory", type=parse_memory, default=None,
                        help="KV cache size: bytes (4GiB, 512MiB) or a fraction of free device memory "
                             "(0.8); default 0.9 of free memory, 2GiB on CPU")
+    group.add_argument("--precision", choices=[p.value for p in Precision], default=defaults.precision,
+                       help="numerics level of requests that do not choose one: standard (plain float32 "
+                            "here), high (compensated, batch-invariant) or ultra (also error-free matmuls "
+                            "and double-word activations) (default: %(default)s)")
     group.add_argument("--no-prefix-caching", action="store_true",
                        help="do not reuse the KV cache of repeated prompt prefixes")
     group.add_argument("--warmup", action="store_true",
@@ -62,6 +67,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+        precision=args.precision,
         warmup=args.warmup,
         compilation_cache_dir=None if args.no_compilation_cache else args.compilation_cache)
     values.update(overrides)

@@ -15,7 +15,8 @@ implemented (tools, response_format, …) are errors, never ignored; fields
 that change nothing here (user, metadata, store, …) are accepted. Besides
 OpenAI's fields, vLLM's sampling extras are accepted (`top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
-`skip_special_tokens`, `include_stop_str_in_output`).
+`skip_special_tokens`, `include_stop_str_in_output`), and ours: `precision`
+(`standard`, `high` or `ultra`; the server's default when absent).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class ParsedRequest:
 # Body fields passed to SamplingParams under the same name.
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
                     "stop", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
-                    "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output")
+                    "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "precision")
 _COMMON_FIELDS = frozenset(_SAMPLING_FIELDS + ("model", "max_tokens", "logit_bias", "logprobs", "stream",
                                                 "stream_options", "user", "metadata", "store",
                                                 "service_tier"))

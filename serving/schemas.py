@@ -69,6 +69,7 @@ class _SamplingFields(_Body):
     store: bool | None = None
     service_tier: str | None = None
     top_k: int | None = None
+    precision: str | None = None  # ours: standard, high or ultra (model.numerics.Precision)
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
@@ -145,7 +146,7 @@ class SeedGenerateRequest(_Body):
     max_length: int = 100  # tokens to generate
     temperature: float = 0.7
     top_p: float = 0.9
-    act_precision: str = "standard"
+    act_precision: str | None = None  # None: the server's default level
 
 
 class SeedChatRequest(_Body):
@@ -155,7 +156,7 @@ class SeedChatRequest(_Body):
     max_length: int | None = None
     temperature: float = 0.7
     top_p: float = 0.9
-    act_precision: str = "standard"
+    act_precision: str | None = None  # None: the server's default level
 
 
 class SeedEmbeddingsRequest(_Body):
@@ -163,7 +164,7 @@ class SeedEmbeddingsRequest(_Body):
     model: str | None = None
     act_normalization: bool = True  # unit-length vectors; false: the pooled vectors as they are
     truncate: bool = False  # cut over-long inputs at the model's maximum instead of refusing them
-    act_precision: str = "standard"
+    act_precision: str | None = None  # None: the server's default level
 
 
 # -- responses: OpenAI ----------------------------------------------------------------

@@ -12,8 +12,10 @@
   embeddings, dimensions, tokens, inference_time}.
 - GET /models: the served models, their kind and precision levels.
 
-Only the `standard` precision level exists until the numerics work lands:
-other levels get a 400 and `act_stability_score` is null.
+`act_precision` picks the numerics level (standard, high, ultra; default:
+the server's `--precision`) for generation; embeddings are computed at
+standard for now (other levels get a 400). `act_stability_score` is null
+until the stability score lands.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
 async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest],
                           server: NamedDependency[ServerState]) -> SeedEmbeddingsResponse:
     started = time.time()
-    _check_precision(data.act_precision)
+    if data.act_precision not in (None, "standard"):
+        raise RequestError("embeddings are computed at the standard precision level for now",
+                           param="act_precision", code="unsupported_parameter")
     parsed = parse_embeddings_request({"input": data.input, "model": data.model,
                                        "truncate_prompt_tokens": -1 if data.truncate else None})
     model = server.model(parsed.model)
@@ -115,25 +119,20 @@ async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest
                                   inference_time=round(time.time() - started, 6))
 
 
-def _check_precision(level: str) -> None:
-    if level not in PRECISION_LEVELS:
-        raise RequestError(f"act_precision {level!r} is not available; levels: "
-                           f"{', '.join(PRECISION_LEVELS)}", param="act_precision")
-
-
 def _params(model: ServedModel, data: SeedGenerateRequest | SeedChatRequest, num_prompt_tokens: int,
             max_length: int) -> SamplingParams:
-    _check_precision(data.act_precision)
     max_model_len = model.engine_core.max_model_len
     if num_prompt_tokens + max_length > max_model_len:
         raise RequestError(f"this model's maximum context length is {max_model_len} tokens; the prompt has "
                            f"{num_prompt_tokens} and max_length asks for {max_length} more",
                            param="max_length", code="context_length_exceeded")
     try:
-        return SamplingParams(max_tokens=max_length, temperature=data.temperature, top_p=data.top_p)
+        return SamplingParams(max_tokens=max_length, temperature=data.temperature, top_p=data.top_p,
+                              precision=data.act_precision)
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
-        raise RequestError(str(e), param="max_length" if field == "max_tokens" else field) from None
+        param = {"max_tokens": "max_length", "precision": "act_precision"}.get(field, field)
+        raise RequestError(str(e), param=param) from None
 
 
 async def _generate(request: Request, server: ServerState, model: ServedModel, prompt_ids: list[int],

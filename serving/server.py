@@ -27,7 +27,7 @@ import uvicorn
 
 from engine.engine_args import add_engine_arguments, engine_config_from_args
 from model.pooling import PoolingMode
-from serving.state import PRECISION_LEVELS, ModelSpec, ServeConfig, ServerState
+from serving.state import ModelSpec, ServeConfig, ServerState
 
 log = logging.getLogger("balansis.serving")
 _DEFAULTS = ServeConfig()
@@ -55,8 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=_DEFAULTS.max_queue,
                         help="per model: sequences admitted beyond --max-num-seqs (embedding requests, "
                              "for an embedding model) before new requests get a 429 (default: %(default)s)")
-    parser.add_argument("--precision", choices=PRECISION_LEVELS, default="standard",
-                        help="numerics level (high and ultra come with the numerics work)")
     parser.add_argument("--drain-timeout", type=float, default=_DEFAULTS.drain_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -72,8 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     keys = args.api_key if args.api_key is not None else (
         [os.environ["BALANSIS_API_KEY"]] if os.environ.get("BALANSIS_API_KEY") else [])
-    config = ServeConfig(api_keys=tuple(keys), max_queue=args.max_queue, precision=args.precision,
-                         drain_timeout=args.drain_timeout)
+    config = ServeConfig(api_keys=tuple(keys), max_queue=args.max_queue, drain_timeout=args.drain_timeout)
     models = model_specs(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server: _DrainingServer | None = None

@@ -27,13 +27,14 @@ from engine.async_embedder import AsyncEmbedder
 from engine.async_engine import AsyncEngine
 from engine.embedder import Embedder
 from engine.llm_engine import EngineStats, LLMEngine
+from model.numerics import Precision
 from model.pooling import PoolingMode
 from serving.errors import ApiError
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger("balansis.serving")
 
-PRECISION_LEVELS = ("standard",)  # high and ultra come with the numerics work
+PRECISION_LEVELS = tuple(p.value for p in Precision)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,16 +45,12 @@ class ServeConfig:
     # Per model: sequences (embedding requests for an encoder) admitted beyond
     # what runs at once; more get a 429.
     max_queue: int = 256
-    precision: str = "standard"
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     max_body_bytes: int = 16 * 2**20
 
     def __post_init__(self):
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.precision not in PRECISION_LEVELS:
-            raise ValueError(f"precision {self.precision!r} is not available yet; levels: "
-                             f"{', '.join(PRECISION_LEVELS)}")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("an API key must not be empty")
         if self.drain_timeout < 0:

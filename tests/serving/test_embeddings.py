@@ -197,7 +197,7 @@ def test_seed_embeddings_with_and_without_normalisation(client, two_models):
     assert httpx.post(url, json={"input": LONG_TEXT, "model": MINILM, "truncate": True},
                       timeout=60).json()["tokens"] == 256
     error_of(httpx.post(url, json={"input": "a", "act_precision": "ultra"}, timeout=60), status=400,
-             code="invalid_value", param="act_precision")
+             code="unsupported_parameter", param="act_precision")
     models = httpx.get(two_models.url + "/models", timeout=60).json()["models"]
     assert {m["name"]: m["type"] for m in models} == {MODEL: "chat", MINILM: "embedding"}
 

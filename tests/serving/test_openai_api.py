@@ -275,6 +275,20 @@ def test_chat_logprobs_have_openai_shape_and_engine_values(client, reference, to
         assert entry.top_logprobs[0].token == entry.token
 
 
+def test_precision_level_gives_the_engine_s_exact_logprobs(client, reference, tokenizer):
+    """`precision` (an extra body field): under HIGH the served logprobs are the engine's own
+    run alone, bit for bit, whatever else the server runs (JSON floats round-trip exactly)."""
+    want = reference(tokenizer.encode_chat(CHAT), **GREEDY, logprobs=2, precision="high").outputs[0]
+    response = client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True, top_logprobs=2,
+                                              extra_body={"precision": "high"}, **GREEDY)
+    content = response.choices[0].logprobs.content
+    assert [e.logprob for e in content] == [lp.logprob for lp in want.logprobs]
+    assert [[t.logprob for t in e.top_logprobs] for e in content] == [[v for _, v in lp.top] for lp in want.logprobs]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body={"precision": "max"})
+    assert (info.value.status_code, info.value.param) == (400, "precision")
+
+
 def test_chat_without_top_logprobs_has_empty_alternatives(client):
     response = client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True, **GREEDY)
     content = response.choices[0].logprobs.content

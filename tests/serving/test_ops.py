@@ -234,10 +234,10 @@ def test_seed_generate(live_server):
 
 
 @pytest.mark.parametrize("path,body", [
-    ("/api/v1/generate", {"prompt": "Hi", "max_length": 4, "act_precision": "high"}),
-    ("/api/v1/chat", {"messages": MESSAGES, "max_length": 4, "act_precision": "ultra"}),
+    ("/api/v1/generate", {"prompt": "Hi", "max_length": 4, "act_precision": "extreme"}),
+    ("/api/v1/chat", {"messages": MESSAGES, "max_length": 4, "act_precision": "Ultra"}),
 ])
-def test_seed_precision_levels_not_yet_available_are_400(live_server, path, body):
+def test_seed_unknown_precision_levels_are_400(live_server, path, body):
     response = post(live_server, path, body)
     assert response.status_code == 400
     error = response.json()["error"]
@@ -276,4 +276,4 @@ def test_seed_models(live_server):
     response = get(live_server, "/models")
     assert response.status_code == 200
     assert response.json() == {"models": [{"name": MODEL, "type": "chat", "max_model_len": 512,
-                                           "precision_levels": ["standard"]}]}
+                                           "precision_levels": ["standard", "high", "ultra"]}]}
