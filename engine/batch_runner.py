@@ -54,6 +54,7 @@ class StepOutput:
     token_id: int | None
     logprobs: TokenLogprobs | None  # when the request asked for logprobs
     prompt_logprobs: list[TokenLogprobs] | None  # for this chunk's positions, when asked
+    is_stable: bool | None = None  # the sampled token's decision margin beat twice its rounding bound
 
 
 class BatchRunner:
@@ -67,6 +68,9 @@ class BatchRunner:
         self.max_pages = -(-max_model_len // block_size)
         self.eos_token_id = eos_token_id
         self.graphdef, self.state = nnx.split(model)
+        # The LM head's weights, for the sampler's stability check (the same arrays, no copy).
+        self._head_is_vd = model.config.tie_word_embeddings
+        self._head = model.embed_tokens[...] if self._head_is_vd else model.lm_head[...]
         self.kv = KVCache.zeros(self.config, num_pages=num_blocks, page_size=block_size, dtype=kv_dtype)
         self._step = functools.partial(_compiled_step, self.graphdef)
 
@@ -141,13 +145,13 @@ class BatchRunner:
         wants_prompt_logprobs = not is_decode and any(
             c.seq.params.prompt_logprobs is not None for c in chunks)
         buffer, layout = pack((token_ids, positions, tables, is_valid, arrays, next_ids))
-        logits_bv, sampling, prompt, self.kv = self._step(layout, self.state, self.kv, buffer,
-                                                         with_prompt_logprobs=wants_prompt_logprobs,
-                                                         precision=precision)
+        logits_bv, hidden_bd, sampling, prompt, self.kv = self._step(
+            layout, self.state, self.kv, buffer, with_prompt_logprobs=wants_prompt_logprobs, precision=precision)
         # Static: a batch without logprobs skips the log-softmax.
         num_top_logprobs = MAX_LOGPROBS if wants_logprobs else 0
         sample = sample_tokens(logits_bv, sampling, num_top_logprobs=num_top_logprobs,
-                               with_logprobs=num_top_logprobs > 0, precision=precision)
+                               with_logprobs=num_top_logprobs > 0, precision=precision,
+                               hidden_bd=hidden_bd, head=self._head, head_is_vd=self._head_is_vd)
         return self._unpack(chunks, sample, prompt)
 
     def _sampling_row(self, chunk: ScheduledChunk) -> SamplingRow:
@@ -165,9 +169,10 @@ class BatchRunner:
         results = {}
         for row, chunk in enumerate(chunks):
             params = chunk.seq.params
-            token = logprobs = prompt_logprobs = None
+            token = logprobs = prompt_logprobs = is_stable = None
             if chunk.samples:
                 token = int(sample.token_ids_b[row])
+                is_stable = bool(sample.margin_b[row] > 2 * sample.error_bound_b[row])
                 if params.logprobs is not None:
                     k = params.logprobs
                     logprobs = TokenLogprobs(token, float(sample.logprob_b[row]), tuple(
@@ -184,7 +189,7 @@ class BatchRunner:
                                   tuple((int(j), float(lp)) for j, lp in zip(top_ids[row, i, :k], top_lps[row, i, :k])))
                     for i in range(max(num_predicted, 0))]
             if chunk.samples or prompt_logprobs is not None:
-                results[chunk.seq.seq_id] = StepOutput(token, logprobs, prompt_logprobs)
+                results[chunk.seq.seq_id] = StepOutput(token, logprobs, prompt_logprobs, is_stable)
         return results
 
     # -- compile ahead -----------------------------------------------------------
@@ -198,12 +203,13 @@ class BatchRunner:
             zeros = np.zeros((b, t), np.int32)
             buffer, layout = pack((zeros, zeros, np.zeros((b, p), np.int32), np.zeros((b, t), bool),
                                    arrays, zeros))
-            logits_bv, sampling, _, self.kv = self._step(layout, self.state, self.kv, buffer,
-                                                        with_prompt_logprobs=False, precision=precision)
+            logits_bv, hidden_bd, sampling, _, self.kv = self._step(
+                layout, self.state, self.kv, buffer, with_prompt_logprobs=False, precision=precision)
             if b not in sampled_batches:  # the sampler's shapes depend on B alone
                 sampled_batches.add(b)
-                jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0,
-                                                   with_logprobs=False, precision=precision))
+                jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0, with_logprobs=False,
+                                                   precision=precision, hidden_bd=hidden_bd, head=self._head,
+                                                   head_is_vd=self._head_is_vd))
         jax.block_until_ready(self.kv)
         return len(shapes)
 
@@ -220,8 +226,9 @@ def _powers_of_two(limit: int) -> list[int]:
 def _step(graphdef, layout: Layout, state, kv, buffer_n, *, with_prompt_logprobs: bool,
           precision: Precision = Precision.STANDARD):
     """Forward over the paged cache: logits `[B, V]` at each row's last valid
-    token, the sampling arrays (unpacked here, so they cross to the device in
-    the one buffer), prompt logprobs when asked, the updated cache."""
+    token and its hidden state (for the sampler's stability check), the
+    sampling arrays (unpacked here, so they cross to the device in the one
+    buffer), prompt logprobs when asked, the updated cache."""
     token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, sampling, next_ids_bt = unpack(buffer_n, layout)
     model = nnx.merge(graphdef, state)
     hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, precision=precision)
@@ -234,7 +241,7 @@ def _step(graphdef, layout: Layout, state, kv, buffer_n, *, with_prompt_logprobs
         next_logprob_bt = jnp.take_along_axis(logprobs_btv, next_ids_bt[..., None], axis=-1)[..., 0]
         top_logprobs_btk, top_ids_btk = jax.lax.top_k(logprobs_btv, MAX_LOGPROBS)
         prompt = (next_logprob_bt, top_ids_btk, top_logprobs_btk)
-    return model.logits(hidden_bd, precision=precision), sampling, prompt, kv
+    return model.logits(hidden_bd, precision=precision), hidden_bd, sampling, prompt, kv
 
 
 # The graph definition and the input layout are static (hashable): every

@@ -73,6 +73,14 @@ class EngineStats:
     num_preemptions: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stability:
+    """How robust a choice's decisions were to rounding (see engine.sampler.decision_stability)."""
+
+    score: float  # the fraction of its tokens whose decision margin beat twice the rounding bound
+    first_fragile_token: int | None  # index of the first token that did not; None: none
+
+
 @dataclasses.dataclass(slots=True)
 class CompletionOutput:
     index: int
@@ -81,6 +89,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None  # "stop", "length", "abort"; None while running
     stop_reason: str | int | None
+    stability: Stability | None = None  # None before the first token
 
 
 @dataclasses.dataclass(slots=True)
@@ -246,6 +255,10 @@ class LLMEngine:
         seq.output_ids.append(token)
         if result.logprobs is not None:
             seq.output_logprobs.append(result.logprobs)
+        if result.is_stable:
+            seq.num_stable_tokens += 1
+        elif seq.first_fragile_index is None:
+            seq.first_fragile_index = len(seq.output_ids) - 1
         seq.first_token_time = seq.first_token_time or now
         self.num_generation_tokens += 1
         text = request.texts[seq.seq_id]
@@ -274,7 +287,7 @@ class LLMEngine:
                 index=s.choice, text=request.texts[s.seq_id].stream_text, token_ids=list(s.output_ids),
                 logprobs=list(s.output_logprobs) if s.params.logprobs is not None else None,
                 finish_reason=s.finish_reason.value if s.finish_reason else None,
-                stop_reason=s.stop_reason)
+                stop_reason=s.stop_reason, stability=_stability(s))
             for s in request.seqs]
         times = [s.first_token_time for s in request.seqs if s.first_token_time]
         return RequestOutput(
@@ -286,6 +299,12 @@ class LLMEngine:
             arrival_time=request.arrival_time, first_scheduled_time=first.first_scheduled_time,
             first_token_time=min(times) if times else None,
             num_cached_tokens=request.num_cached_tokens)
+
+
+def _stability(seq: Sequence) -> Stability | None:
+    if not seq.output_ids:
+        return None
+    return Stability(score=seq.num_stable_tokens / len(seq.output_ids), first_fragile_token=seq.first_fragile_index)
 
 
 def _kv_budget(kv_cache_memory: int | float | None) -> int:

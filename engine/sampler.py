@@ -81,6 +81,10 @@ class SampleResult(NamedTuple):
     logprob_b: jax.Array  # f32: the token's log-prob under the raw model distribution
     top_ids_bk: jax.Array  # int32 [B, num_top_logprobs], most likely first
     top_logprobs_bk: jax.Array  # f32 [B, num_top_logprobs]
+    # The decision's stability: the margin between the two best decision scores, and a bound on
+    # how far rounding in the LM head can move them (see `decision_stability`).
+    margin_b: jax.Array  # f32
+    error_bound_b: jax.Array  # f32
 
 
 def _checked_ids(name: str, row: int, ids: Iterable[int], vocab_size: int) -> np.ndarray:
@@ -238,8 +242,8 @@ def _sorted_top_k_top_p(scaled_bv: jax.Array, k_b: jax.Array, top_p_b: jax.Array
     return jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf)
 
 
-def _draw(scaled_bv: jax.Array, a: SamplingArrays) -> jax.Array:
-    """min-p, then a Gumbel-max draw per row `[B]`."""
+def _draw(scaled_bv: jax.Array, a: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+    """min-p, then a Gumbel-max draw: the two best noisy scores and their ids, `[B, 2]` each."""
     v = scaled_bv.shape[-1]
     # min-p: drop p < min_p · p_max, i.e. x - x_max < log(min_p), with no
     # softmax needed (log 0 = -inf drops nothing).
@@ -251,13 +255,44 @@ def _draw(scaled_bv: jax.Array, a: SamplingArrays) -> jax.Array:
         return jax.random.gumbel(key, (v,), jnp.float32)
 
     gumbel_bv = jax.vmap(gumbel_v)(a.seed_b, a.choice_b, a.position_b)
-    return jnp.argmax(scaled_bv + gumbel_bv, axis=-1)
+    scores_b2, ids_b2 = jax.lax.top_k(scaled_bv + gumbel_bv, 2)
+    return scores_b2, ids_b2
 
 
-@functools.partial(jax.jit, static_argnames=("num_top_logprobs", "with_logprobs", "precision"))
+def decision_stability(best_scores_b2: jax.Array, best_ids_b2: jax.Array, logits_bv: jax.Array,
+                       hidden_bd, head: jax.Array, *, head_is_vd: bool, scale_b: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Margin m = y1 − y2 between the two best decision scores, and δ: how far the LM head's
+    rounding moved them, from recomputing those two logits with every product kept (Dot2)
+    — |logit − exact| plus the exact one's own rounding, times the decision's scale (1/T).
+
+    A decision with m > 2δ would be the same with the two logits computed exactly; one
+    with m ≤ 2δ is fragile. δ covers the LM head, not the layers before it.
+    """
+    if isinstance(hidden_bd, tuple):  # ULTRA's double-word hidden state: both parts count
+        hidden_bd = jnp.concatenate(hidden_bd, axis=-1)
+        columns_b2d = _head_columns(head, best_ids_b2, head_is_vd)
+        columns_b2d = jnp.concatenate([columns_b2d, columns_b2d], axis=-1)
+    else:
+        columns_b2d = _head_columns(head, best_ids_b2, head_is_vd)
+    exact_b2 = numerics.compensated_dot(hidden_bd.astype(jnp.float32)[:, None, :], columns_b2d)
+    computed_b2 = jnp.take_along_axis(logits_bv, best_ids_b2, axis=-1)
+    error_b2 = jnp.abs(computed_b2 - exact_b2) + jnp.abs(exact_b2) * 2.0**-24
+    margin_b = best_scores_b2[:, 0] - best_scores_b2[:, 1]
+    return margin_b, jnp.max(error_b2, axis=-1) * scale_b
+
+
+def _head_columns(head: jax.Array, ids_b2: jax.Array, head_is_vd: bool) -> jax.Array:
+    """The LM head's weights of tokens `ids_b2`, `[B, 2, D]` float32."""
+    columns = head[ids_b2] if head_is_vd else jnp.moveaxis(jnp.take(head, ids_b2, axis=1), 0, -1)
+    return columns.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_top_logprobs", "with_logprobs", "precision", "head_is_vd"))
 def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
                   num_top_logprobs: int, with_logprobs: bool = True,
-                  precision: numerics.Precision = numerics.Precision.STANDARD) -> SampleResult:
+                  precision: numerics.Precision = numerics.Precision.STANDARD,
+                  hidden_bd=None, head: jax.Array | None = None, head_is_vd: bool = True) -> SampleResult:
     """One token per row of logits `[B, V]`, with the raw log-probs OpenAI reports.
 
     Order (vLLM's): logit bias; banned ids to -inf; repetition, frequency and
@@ -268,7 +303,10 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     False skips the log-softmax over the vocabulary (a pass the size of the
     logits) when no row asked for logprobs; `logprob_b` is then zero.
     `precision` (static) picks the log-softmax's numerics: under HIGH and
-    ULTRA a row's logprobs are the same bits in any batch.
+    ULTRA a row's logprobs are the same bits in any batch. With the hidden
+    states and the LM head's weights (`[V, D]` when `head_is_vd`, else
+    `[D, V]`), each decision's stability is measured (`decision_stability`);
+    without them its margin and bound are zero.
     """
     a = arrays
     b, v = logits_bv.shape
@@ -295,8 +333,18 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
                              scaled_bv, a.top_k_b, a.top_p_b, is_truncated_b)
     # The Gumbel noise ([B, V] random draws) costs more than the rest of the
     # sampler: only when some row samples. Greedy rows take greedy_b either way.
-    sampled_b = jax.lax.cond(jnp.any(is_sampled_b), _draw, lambda x, _: greedy_b, scaled_bv, a)
-    token_ids_b = jnp.where(is_sampled_b, sampled_b, greedy_b).astype(jnp.int32)
+    greedy_scores_b2, greedy_ids_b2 = jax.lax.top_k(processed_bv, 2)
+    drawn_scores_b2, drawn_ids_b2 = jax.lax.cond(jnp.any(is_sampled_b), _draw,
+                                                 lambda *_: (greedy_scores_b2, greedy_ids_b2), scaled_bv, a)
+    best_scores_b2 = jnp.where(is_sampled_b[:, None], drawn_scores_b2, greedy_scores_b2)
+    best_ids_b2 = jnp.where(is_sampled_b[:, None], drawn_ids_b2, greedy_ids_b2)
+    token_ids_b = jnp.where(is_sampled_b, drawn_ids_b2[:, 0], greedy_b).astype(jnp.int32)
+    if hidden_bd is None:
+        margin_b = error_bound_b = jnp.zeros((b,), jnp.float32)
+    else:
+        scale_b = jnp.where(is_sampled_b, 1.0 / jnp.where(is_sampled_b, a.temperature_b, 1.0), 1.0)
+        margin_b, error_bound_b = decision_stability(best_scores_b2, best_ids_b2, logits_bv, hidden_bd, head,
+                                                     head_is_vd=head_is_vd, scale_b=scale_b)
 
     if with_logprobs or num_top_logprobs:
         raw_logprobs_bv = numerics.log_softmax(logits_bv, axis=-1, precision=precision)
@@ -308,4 +356,5 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     else:
         top_logprobs_bk, top_ids_bk = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
     return SampleResult(token_ids_b=token_ids_b, logprob_b=logprob_b,
-                        top_ids_bk=top_ids_bk.astype(jnp.int32), top_logprobs_bk=top_logprobs_bk)
+                        top_ids_bk=top_ids_bk.astype(jnp.int32), top_logprobs_bk=top_logprobs_bk,
+                        margin_b=margin_b, error_bound_b=error_bound_b)

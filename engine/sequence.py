@@ -60,6 +60,10 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Decision stability (see engine.sampler.decision_stability): output tokens whose
+    # margin beat twice the rounding bound, and the index of the first that did not.
+    num_stable_tokens: int = 0
+    first_fragile_index: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -24,7 +24,7 @@ def _sample(logits_bv, rows, *, num_top_logprobs=0, batch_size=None):
     arrays = pack_sampling(rows, vocab_size=logits_bv.shape[-1], batch_size=batch_size)
     logits_bv = np.pad(logits_bv, ((0, len(arrays.seed_b) - len(rows)), (0, 0)))  # padding rows
     result = sample_tokens(jnp.asarray(logits_bv), arrays, num_top_logprobs=num_top_logprobs)
-    return tuple(np.asarray(x)[:len(rows)] for x in result)
+    return tuple(np.asarray(x)[:len(rows)] for x in result[:4])
 
 
 def _draw(logits_v, params, *, seeds, position=7, **row_fields):
@@ -341,3 +341,36 @@ def test_pack_rejects_bad_ids_and_sizes():
     with pytest.raises(ValueError, match="batch_size"):
         pack_sampling([SamplingRow(params=SamplingParams(), seed=0, position=0)] * 2, vocab_size=10,
                       batch_size=1)
+
+
+def test_stability_flags_every_top1_flip_against_float64():
+    """Near-tie logits: tokens 0 and 1 have almost the same LM-head weights, and each row's
+    hidden state is tuned so their exact logits differ by anything from 0 up. Wherever the
+    float32 logits pick another token than the float64 ones, the sampler must flag the
+    decision fragile (margin <= 2 bound); clear decisions must not be."""
+    rng = np.random.default_rng(7)
+    rows, d, v = 512, 576, 64
+    head_vd = (rng.standard_normal((v, d)) * 0.05).astype(np.float32)
+    head_vd[2:] -= 1.0  # every other token far behind
+    head_vd[1] = head_vd[0] + (rng.standard_normal(d) * 1e-3).astype(np.float32)
+    gap_d = head_vd[1].astype(np.float64) - head_vd[0]
+    hidden = rng.standard_normal((rows, d)) * rng.uniform(0.5, 40, (rows, 1))
+    # Scale each row's component along the gap so that its exact logit difference is t · (original).
+    t = np.concatenate([np.zeros(32), np.logspace(-9, 0, rows - 32)]) * rng.choice([-1, 1], rows)
+    along = (hidden @ gap_d) / (gap_d @ gap_d)
+    hidden = (hidden - np.outer(along * (1 - t), gap_d)).astype(np.float32)
+    logits_bv = np.asarray(jnp.asarray(hidden) @ jnp.asarray(head_vd).T)  # XLA's float32 matmul
+    exact_bv = hidden.astype(np.float64) @ head_vd.astype(np.float64).T
+    flips = np.argmax(logits_bv, -1) != np.argmax(exact_bv, -1)
+    assert flips.sum() >= 5, "the control: float32 must flip some near ties"
+
+    arrays = pack_sampling([SamplingRow(params=SamplingParams(temperature=0.0), seed=0, position=0)] * rows,
+                           vocab_size=v)
+    result = sample_tokens(jnp.asarray(logits_bv), arrays, num_top_logprobs=0,
+                           hidden_bd=jnp.asarray(hidden), head=jnp.asarray(head_vd), head_is_vd=True)
+    margin, bound = np.asarray(result.margin_b), np.asarray(result.error_bound_b)
+    fragile = margin <= 2 * bound
+    assert fragile[flips].all(), np.flatnonzero(flips & ~fragile)
+    best_two = np.sort(exact_bv, -1)[:, -2:]
+    clear = best_two[:, 1] - best_two[:, 0] > 1e-3
+    assert clear.sum() > rows // 4 and not fragile[clear].any()
