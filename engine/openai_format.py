@@ -273,6 +273,7 @@ def chat_completion(output: RequestOutput, *, request: ParsedRequest, response_i
         "logprobs": None if request.num_logprobs is None else {
             "content": [chat_token_logprob(lp, token_text) for lp in c.logprobs or ()], "refusal": None},
         "finish_reason": c.finish_reason,
+        "stability": stability_info(c),
     } for c in output.outputs]
     return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": usage([output])}
@@ -302,9 +303,17 @@ def text_completion(outputs: Sequence[RequestOutput], *, request: ParsedRequest,
                 "text": text, "index": prompt_index * len(output.outputs) + c.index,
                 "logprobs": None if request.num_logprobs is None else completion_logprobs(entries, token_text),
                 "finish_reason": "length" if request.is_prompt_only else c.finish_reason,
+                "stability": None if request.is_prompt_only else stability_info(c),
             })
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
             "choices": choices, "usage": usage(outputs, is_prompt_only=request.is_prompt_only)}
+
+
+def stability_info(choice) -> dict[str, Any] | None:
+    """Our extension field on a choice: {"score", "first_fragile_token"} (engine.llm_engine.Stability)."""
+    if choice.stability is None:
+        return None
+    return {"score": choice.stability.score, "first_fragile_token": choice.stability.first_fragile_token}
 
 
 def usage(outputs: Sequence[RequestOutput], *, is_prompt_only: bool = False) -> dict[str, Any]:

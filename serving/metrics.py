@@ -46,6 +46,10 @@ class ServingMetrics:
         self.queue_time = Histogram(
             "balansis:request_queue_time_seconds", "Arrival to the prompt's first engine step.", labels,
             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.stability_score = Histogram(
+            "balansis:stability_score", "Per finished choice: the fraction of its tokens whose decision margin "
+            "beat twice the LM head's rounding bound.", labels,
+            buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0), registry=self.registry)
         self.requests = Counter(
             "balansis:request_success", "Finished requests by finish reason (abort: the client left; "
             "error: the engine failed it).", labels + ("finished_reason",), registry=self.registry)
@@ -113,6 +117,9 @@ class RequestTracker:
         model = self._model
         if output is not None:
             self._metrics.e2e_latency.labels(model).observe(time.time() - output.arrival_time)
+            for choice in output.outputs:
+                if choice.stability is not None:
+                    self._metrics.stability_score.labels(model).observe(choice.stability.score)
             if output.first_scheduled_time is not None:
                 self._metrics.queue_time.labels(model).observe(output.first_scheduled_time - output.arrival_time)
         self._metrics.count_outcome(model, reason)

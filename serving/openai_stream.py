@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from engine.llm_engine import CompletionOutput, RequestOutput
 from engine.openai_format import (Endpoint, ParsedRequest, TokenTexts, chat_token_logprob,
-                                  completion_logprobs, usage)
+                                  completion_logprobs, stability_info, usage)
 
 
 @dataclasses.dataclass(slots=True)
@@ -82,7 +82,7 @@ class ChunkWriter:
         if choice.finish_reason is not None:
             cursor.is_finished = True
             parts.append({"index": choice.index, "delta": {}, "logprobs": None,
-                          "finish_reason": choice.finish_reason})
+                          "finish_reason": choice.finish_reason, "stability": stability_info(choice)})
         return parts
 
     def _completion_parts(self, prompt_index: int, output: RequestOutput, choice: CompletionOutput,
@@ -114,5 +114,6 @@ class ChunkWriter:
         if choice.finish_reason is not None or request.is_prompt_only:
             cursor.is_finished = True
             reason = "length" if request.is_prompt_only else choice.finish_reason
-            parts.append({"index": index, "text": "", "logprobs": None, "finish_reason": reason})
+            parts.append({"index": index, "text": "", "logprobs": None, "finish_reason": reason,
+                          "stability": None if request.is_prompt_only else stability_info(choice)})
         return parts

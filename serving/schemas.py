@@ -205,11 +205,20 @@ class AssistantMessage(msgspec.Struct):
     refusal: str | None = None
 
 
-class ChatChoice(msgspec.Struct):
+class Stability(msgspec.Struct):
+    """Ours: the fraction of a choice's tokens whose decision margin beat twice the LM head's
+    rounding bound, and the index of the first that did not (null: none)."""
+
+    score: float
+    first_fragile_token: int | None
+
+
+class ChatChoice(msgspec.Struct, omit_defaults=True):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: str | None
+    stability: Stability | None = None  # an extension field; absent before any token
 
 
 class ChatCompletion(msgspec.Struct):
@@ -227,11 +236,12 @@ class ChatDelta(msgspec.Struct, omit_defaults=True):
     content: str | None = None
 
 
-class ChatChunkChoice(msgspec.Struct):
+class ChatChunkChoice(msgspec.Struct, omit_defaults=True):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None
     finish_reason: str | None
+    stability: Stability | None = None  # on the chunk that finishes the choice
 
 
 class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
@@ -251,11 +261,12 @@ class CompletionLogprobs(msgspec.Struct):
     text_offset: list[int]
 
 
-class CompletionChoice(msgspec.Struct):
+class CompletionChoice(msgspec.Struct, omit_defaults=True):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    stability: Stability | None = None  # an extension field, as on chat choices
 
 
 class Completion(msgspec.Struct, omit_defaults=True):
@@ -337,7 +348,7 @@ class SeedGenerateResponse(msgspec.Struct):
     generated_text: str
     tokens_generated: int
     inference_time: float  # seconds, arrival to last token
-    act_stability_score: float | None  # null until the numerics work lands
+    act_stability_score: float | None  # see Stability; null only without a generated token
 
 
 class SeedChatResponse(msgspec.Struct):

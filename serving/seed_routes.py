@@ -14,8 +14,9 @@
 
 `act_precision` picks the numerics level (standard, high, ultra; default:
 the server's `--precision`) for generation; embeddings are computed at
-standard for now (other levels get a 400). `act_stability_score` is null
-until the stability score lands.
+standard for now (other levels get a 400). `act_stability_score` is the
+fraction of generated tokens whose decision margin beat twice the LM
+head's rounding bound (engine.sampler.decision_stability).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
     choice = output.outputs[0]
     return SeedGenerateResponse(generated_text=choice.text, tokens_generated=len(choice.token_ids),
                                 inference_time=round(time.time() - output.arrival_time, 6),
-                                act_stability_score=None)
+                                act_stability_score=_score(choice))
 
 
 @post("/api/v1/chat", summary="Seed API: chat; SSE when stream is true",
@@ -149,7 +150,12 @@ def _chat_response(model: ServedModel, output: RequestOutput) -> SeedChatRespons
                             message=AssistantMessage(role="assistant", content=choice.text),
                             tokens_generated=len(choice.token_ids),
                             inference_time=round(time.time() - output.arrival_time, 6),
-                            act_stability_score=None, finish_reason=choice.finish_reason)
+                            act_stability_score=_score(choice), finish_reason=choice.finish_reason)
+
+
+def _score(choice) -> float | None:
+    """The seed API's act_stability_score: the choice's stability score (engine.llm_engine.Stability)."""
+    return None if choice.stability is None else choice.stability.score
 
 
 async def _chat_events(server: ServerState, model: ServedModel, admission: Admission,

@@ -75,3 +75,7 @@ def test_greedy_64_tokens_identical_to_hf(smollm2, hf_model):
         ours = output.outputs[0].token_ids
         assert ours == reference, (tokenizer.decode(ours), tokenizer.decode(reference))
         assert len(ours) >= 8  # a real answer, not an immediate EOS
+        # Every request reports its decision stability; identical tokens to HF's mean no flip was missed.
+        stability = output.outputs[0].stability
+        assert 0 <= stability.score <= 1
+        assert (stability.first_fragile_token is None) == (stability.score == 1)

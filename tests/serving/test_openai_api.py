@@ -284,9 +284,24 @@ def test_precision_level_gives_the_engine_s_exact_logprobs(client, reference, to
     content = response.choices[0].logprobs.content
     assert [e.logprob for e in content] == [lp.logprob for lp in want.logprobs]
     assert [[t.logprob for t in e.top_logprobs] for e in content] == [[v for _, v in lp.top] for lp in want.logprobs]
+    # The stability extension field: the engine's own measure of the same decisions.
+    assert response.choices[0].stability == {"score": want.stability.score,
+                                             "first_fragile_token": want.stability.first_fragile_token}
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body={"precision": "max"})
     assert (info.value.status_code, info.value.param) == (400, "precision")
+
+
+def test_every_choice_reports_its_stability(client):
+    """An extension field on every choice, streamed on the chunk that finishes it."""
+    reply = client.completions.create(model=MODEL, prompt=[PROMPT, PROMPT_2], n=2, max_tokens=6)
+    for choice in reply.choices:
+        assert 0 <= choice.stability["score"] <= 1
+        fragile = choice.stability["first_fragile_token"]
+        assert fragile is None or 0 <= fragile < 6
+    finals = [c for c in _raw_chunks(client.chat.completions, model=MODEL, messages=CHAT, max_tokens=5)
+              if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and 0 <= finals[0]["choices"][0]["stability"]["score"] <= 1
 
 
 def test_chat_without_top_logprobs_has_empty_alternatives(client):

@@ -19,7 +19,7 @@ from tests.serving.conftest import MODEL
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a river."}]
 PREFIX = "balansis:"
 HISTOGRAMS = ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-              "request_queue_time_seconds")
+              "request_queue_time_seconds", "stability_score")
 GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
 COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens", "request_success")
 
@@ -139,8 +139,10 @@ def test_counters_move_with_requests(live_server):
     assert delta("generation_tokens") >= reply.usage.completion_tokens
     assert delta("prefix_cache_queries") >= reply.usage.prompt_tokens
     assert delta("request_success", finished_reason="length") == 1
-    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "stability_score"):
         assert delta(name, "_count") == 1, name
+    assert delta("stability_score", "_sum") == reply.choices[0].stability["score"]
     # Every token after the first is one inter-token observation (tokens that arrive together share one gap).
     assert 1 <= delta("inter_token_latency_seconds", "_count") <= reply.usage.completion_tokens - 1
     assert value(after, "num_requests_running") == 0 and value(after, "num_requests_waiting") == 0
@@ -230,7 +232,7 @@ def test_seed_generate(live_server):
     assert isinstance(body["generated_text"], str)
     assert 0 < body["tokens_generated"] <= 8
     assert body["inference_time"] > 0
-    assert body["act_stability_score"] is None
+    assert 0 <= body["act_stability_score"] <= 1
 
 
 @pytest.mark.parametrize("path,body", [
@@ -254,7 +256,7 @@ def test_seed_chat(live_server):
     assert 0 < body["tokens_generated"] <= 8
     assert body["finish_reason"] in ("stop", "length")
     assert (body["finish_reason"] == "length") == (body["tokens_generated"] == 8)
-    assert body["inference_time"] > 0 and body["act_stability_score"] is None
+    assert body["inference_time"] > 0 and 0 <= body["act_stability_score"] <= 1
 
 
 def test_seed_chat_stream(live_server):
@@ -269,7 +271,7 @@ def test_seed_chat_stream(live_server):
     assert deltas and all(set(d) == {"delta"} and d["delta"] for d in deltas)
     assert final["model"] == MODEL and final["message"]["role"] == "assistant"
     assert "".join(d["delta"] for d in deltas) == final["message"]["content"]
-    assert 0 < final["tokens_generated"] <= 12 and final["act_stability_score"] is None
+    assert 0 < final["tokens_generated"] <= 12 and 0 <= final["act_stability_score"] <= 1
 
 
 def test_seed_models(live_server):
