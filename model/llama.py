@@ -148,7 +148,8 @@ class LlamaForCausalLM(nnx.Module):
             is page block_tables_bp[b, j]. P must cover every valid position.
         is_valid_bt: [B, T] bool; False marks padding, whose K/V is not written
             and whose outputs are meaningless.
-        Returns the final-normed hidden states [B, T, D] and the updated cache.
+        Returns the final-normed hidden states [B, T, D] (under ULTRA a
+        double-word (hi, lo), which `logits` takes as it is) and the updated cache.
         All earlier positions of each sequence must already be in the cache.
         """
         cfg = self.config
@@ -182,7 +183,8 @@ class LlamaForCausalLM(nnx.Module):
 
     def hidden_states(self, token_ids_bt: jax.Array, is_valid_bt: jax.Array, *,
                       precision: Precision = Precision.STANDARD) -> jax.Array:
-        """Final-normed hidden states `[B, T, D]` of whole sequences, without a KV cache (embeddings).
+        """Final-normed hidden states `[B, T, D]` of whole sequences, without a KV cache
+        (embeddings; a double-word (hi, lo) under ULTRA).
 
         Rows are padded on the right; positions count from 0 in each row.
         Padding keys get no weight; padding outputs are meaningless.
