@@ -269,12 +269,14 @@ class LlamaForCausalLM(nnx.Module):
     def _mlp(self, x_btd, w, precision):
         cfg = self.config
         h_btd = rms_norm(x_btd, w["post_attention_norm"], cfg.rms_norm_eps, precision)
+        if precision is Precision.ULTRA:  # double-words from the projections through SiLU and the product
+            gate = numerics.exact_matmul(h_btd, w["gate_proj"])
+            up = numerics.exact_matmul(h_btd, w["up_proj"])
+            product = numerics.double_word_mul(*numerics.double_word_silu(*gate), *up)
+            return _project_out(product, w["down_proj"], precision)
         gate_btf = numerics.matmul(h_btd, w["gate_proj"], precision=precision)
         up_btf = numerics.matmul(h_btd, w["up_proj"], precision=precision)
-        activated_btf = numerics.silu(gate_btf, precision=precision)
-        if precision is Precision.ULTRA:  # keep the product's rounding error for down_proj
-            return _project_out(numerics.two_product(activated_btf, up_btf), w["down_proj"], precision)
-        return _project_out(activated_btf * up_btf, w["down_proj"], precision)
+        return _project_out(numerics.silu(gate_btf, precision=precision) * up_btf, w["down_proj"], precision)
 
     def logits(self, hidden_xd: jax.Array, *, precision: Precision = Precision.STANDARD) -> jax.Array:
         """LM head over final-normed hidden states `[..., D]` → float32 logits `[..., V]`

@@ -34,9 +34,11 @@ All functions upcast to float32 before reducing and return float32.
 from __future__ import annotations
 
 import enum
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Precision(enum.Enum):
@@ -150,12 +152,75 @@ def double_word_rms_scale(x_hi: jax.Array, x_lo: jax.Array, eps: float, axis: in
     q_hi = s_hi / n
     back, back_error = two_product(q_hi, jnp.full_like(q_hi, n))  # q_hi·n exactly
     q_lo = ((s_hi - back) - back_error + s_lo) / n
-    v_hi, v_lo = double_word_add(q_hi, q_lo, jnp.full_like(q_hi, eps), jnp.zeros_like(q_hi))
+    v_hi, v_lo = double_word_add(q_hi, q_lo, _opaque(jnp.full_like(q_hi, eps)), jnp.zeros_like(q_hi))
     r = 1.0 / jnp.sqrt(v_hi)
     r2_hi, r2_lo = two_product(r, r)
     t_hi, t_error = two_product(v_hi, r2_hi)
     residual = (1.0 - t_hi) - (t_error + v_hi * r2_lo + v_lo * r2_hi)  # 1 − v·r², t_hi ≈ 1
     return r, r * 0.5 * residual
+
+
+def _opaque(x: jax.Array) -> jax.Array:
+    """`x`, hidden from XLA's simplifier: it rewrites (c + y) − c to y when c is a constant,
+    which zeroes TwoSum's error term (measured), so constants enter these functions through this."""
+    return jax.lax.optimization_barrier(x)
+
+
+def double_word_mul(x_hi, x_lo, y_hi, y_lo):
+    """(x_hi + x_lo)·(y_hi + y_lo) as a normalised double-word (Joldes et al.'s DWTimesDW1)."""
+    c_hi, c_lo = two_product(x_hi, y_hi)
+    return fast_two_sum(c_hi, c_lo + (x_hi * y_lo + x_lo * y_hi))
+
+
+def double_word_div(x_hi, x_lo, y_hi, y_lo):
+    """(x_hi + x_lo)/(y_hi + y_lo) as a normalised double-word (DWDivDW1)."""
+    t_hi = x_hi / y_hi
+    r_hi, r_lo = double_word_mul(y_hi, y_lo, t_hi, jnp.zeros_like(t_hi))
+    pi_hi, pi_lo = two_sum(x_hi, -r_hi)
+    delta = pi_hi + (pi_lo + (x_lo - r_lo))
+    return fast_two_sum(t_hi, delta / y_hi)
+
+
+# ln 2 in three parts for the double-word exp: 0.693145751953125 (k times it is exact),
+# then the float32 nearest the rest, then what is left (ln 2 to about 2**-70).
+_LN2_REST = 0.6931471805599453 - 0.693145751953125
+_LN2_LO_HI = float(np.float32(_LN2_REST))
+_LN2_LO_LO = _LN2_REST - _LN2_LO_HI
+
+
+def double_word_exp(x_hi: jax.Array, x_lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """e**(x_hi + x_lo) as a double-word, to about 2**-44 relative, for |x| < 80."""
+    k = jnp.floor(x_hi * 1.4426950408889634 + 0.5)
+    # r = x − k·ln 2, with k·ln 2 in three parts: the first product is exact, the second kept exactly.
+    r_hi, r_lo = double_word_add(x_hi, x_lo, -k * 0.693145751953125, jnp.zeros_like(k))
+    product, product_error = two_product(-k, jnp.full_like(k, _LN2_LO_HI))
+    r_hi, r_lo = double_word_add(r_hi, r_lo, product, product_error - k * _LN2_LO_LO)
+    # Taylor to r**13 (|r| <= ln2 / 2: the rest is below 2**-52), Horner in double-words.
+    p_hi, p_lo = jnp.full_like(k, 1.0 / math.factorial(13)), jnp.zeros_like(k)
+    for n in range(12, -1, -1):
+        c = 1.0 / math.factorial(n)
+        c_hi = float(np.float32(c))
+        p_hi, p_lo = double_word_mul(p_hi, p_lo, r_hi, r_lo)
+        p_hi, p_lo = double_word_add(p_hi, p_lo, _opaque(jnp.full_like(k, c_hi)), jnp.full_like(k, c - c_hi))
+    k = k.astype(jnp.int32)
+    k_half = k >> 1
+    scale_a, scale_b = _power_of_two(k_half), _power_of_two(k - k_half)
+    return (p_hi * scale_a) * scale_b, (p_lo * scale_a) * scale_b  # powers of two: exact
+
+
+def double_word_silu(x_hi: jax.Array, x_lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x·sigmoid(x) of a double-word, as one (ULTRA's SiLU)."""
+    clipped_hi = jnp.clip(x_hi, -80.0, 80.0)
+    clipped_lo = jnp.where(clipped_hi == x_hi, x_lo, 0.0)
+    e_hi, e_lo = double_word_exp(-clipped_hi, -clipped_lo)
+    one = _opaque(jnp.ones_like(e_hi))
+    d_hi, d_lo = double_word_add(one, jnp.zeros_like(e_hi), e_hi, e_lo)
+    sig_hi, sig_lo = double_word_div(one, jnp.zeros_like(d_hi), d_hi, d_lo)
+    out_hi, out_lo = double_word_mul(x_hi, x_lo, sig_hi, sig_lo)
+    # Beyond ±80 sigmoid is 0 or 1 to far below a float32's last bit.
+    out_hi = jnp.where(x_hi > 80.0, x_hi, jnp.where(x_hi < -80.0, 0.0, out_hi))
+    out_lo = jnp.where(x_hi > 80.0, x_lo, jnp.where(x_hi < -80.0, 0.0, out_lo))
+    return out_hi, out_lo
 
 
 # -- elementwise functions that give the same bits in any array ------------------------------
@@ -296,13 +361,14 @@ def exact_batched_matmul(a: jax.Array, b: jax.Array, *,
     return double_word_sum(partial.reshape(partial.shape[:-4] + (-1, partial.shape[-1])), axis=-2)
 
 
-# Attention's probabilities × values: a query's row of values would be scaled
-# by the largest value it can see, which differs between a prefill (all the
-# chunk's keys) and a decode (keys up to its position). So both sides are cut
-# on fixed grids instead: probabilities (at most 1) in slices of 2**-8 … and
-# values in slices from VALUE_GRID_TOP down; a slice then never depends on
-# other entries. Values of magnitude 2**VALUE_GRID_TOP or more would no
-# longer sum exactly (still accurately); LLM attention values stay far below.
+# Attention's probabilities × values: a column of values would be scaled by
+# its largest entry over the keys in the call, which differ between a
+# prefill (all the chunk's keys) and a decode (keys up to its position). So
+# values are cut on a fixed grid instead, from VALUE_GRID_TOP down, and a
+# slice never depends on other entries; a query's probabilities keep their
+# own row's scale, which only its visible keys decide. Values of magnitude
+# 2**VALUE_GRID_TOP or more would no longer sum exactly (still accurately);
+# LLM attention values stay far below.
 VALUE_GRID_TOP = 16
 _VALUE_SLICES = {Precision.HIGH: 5, Precision.ULTRA: 7}  # down to 2**-24 and 2**-40
 
@@ -312,7 +378,7 @@ def exact_attention_values(probs: jax.Array, values: jax.Array, *, precision: Pr
     """probs `[..., Q, S]` @ values `[..., S, H]` as a double-word, the same bits for a query
     whatever other keys or queries share the call."""
     count = EXACT_SLICES[precision][0]
-    p_smgc = _fixed_slices(_k_chunks(probs.astype(jnp.float32), -1), top=1, count=count)
+    p_smgc = _slices(_k_chunks(probs.astype(jnp.float32), -1), axis=-1, count=count)
     v_sgcn = _fixed_slices(_k_chunks(values.astype(jnp.float32), -2), top=VALUE_GRID_TOP,
                            count=_VALUE_SLICES[precision])
     partial = jnp.einsum("i...mgc,j...gcn->...mgijn", p_smgc, v_sgcn, precision=jax.lax.Precision.HIGHEST)

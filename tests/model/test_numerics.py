@@ -153,3 +153,20 @@ def test_reductions_keep_their_axes_and_agree_with_float64():
                                (x.astype(np.float64) ** 2).mean(-1, keepdims=True), rtol=2.5e-7)  # two roundings
     reference = x.astype(np.float64) - np.log(np.exp(x.astype(np.float64)).sum(-1, keepdims=True))
     np.testing.assert_allclose(numerics.log_softmax(x, precision=Precision.ULTRA), reference, atol=1e-6)
+
+
+def test_double_word_exp_and_silu_in_jitted_code():
+    """ULTRA's SiLU: double-word exp, 1 + e, the division and the product, each near 2**-44.
+    Constants go through an optimisation barrier: XLA rewrites (c + x) - c to x for a
+    constant c, which would zero TwoSum's error term (it did, before the barrier)."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(20000) * 10).astype(np.float32)
+    x_lo = (x * rng.standard_normal(20000) * 2**-26).astype(np.float32)
+    exact = x.astype(np.float64) + x_lo
+    hi, lo = jax.jit(numerics.double_word_exp)(x, x_lo)
+    assert np.abs((np.asarray(hi, np.float64) + lo) / np.exp(exact) - 1).max() < 1e-13
+    hi, lo = jax.jit(numerics.double_word_silu)(x, x_lo)
+    reference = exact / (1 + np.exp(-exact))
+    assert (np.abs(np.asarray(hi, np.float64) + lo - reference) / np.abs(reference)).max() < 1e-13
+    plain = np.asarray(jax.jit(lambda v: numerics.silu(v, precision=Precision.HIGH))(x), np.float64)
+    assert (np.abs(plain - x / (1 + np.exp(-x.astype(np.float64)))) / np.abs(reference)).max() > 1e-9
