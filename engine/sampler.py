@@ -322,7 +322,9 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     # (x / 1, x * 1, x - 0), so the branch taken never changes a row's result.
     processed_bv = jax.lax.cond(jnp.any(a.history_mask_bl), _apply_penalties,
                                 lambda x, _: x, processed_bv, a)
-    greedy_b = jnp.argmax(processed_bv, axis=-1)
+    # Greedy rows take the best processed logit (top-k breaks ties to the lower id, as argmax
+    # does); the second best gives the decision's margin.
+    greedy_scores_b2, greedy_ids_b2 = jax.lax.top_k(processed_bv, 2)
 
     is_sampled_b = a.temperature_b > 0
     scaled_bv = processed_bv / jnp.where(is_sampled_b, a.temperature_b, 1.0)[:, None]
@@ -332,13 +334,12 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     scaled_bv = jax.lax.cond(jnp.any(is_truncated_b), _top_k_top_p, lambda x, *_: x,
                              scaled_bv, a.top_k_b, a.top_p_b, is_truncated_b)
     # The Gumbel noise ([B, V] random draws) costs more than the rest of the
-    # sampler: only when some row samples. Greedy rows take greedy_b either way.
-    greedy_scores_b2, greedy_ids_b2 = jax.lax.top_k(processed_bv, 2)
+    # sampler: only when some row samples. Greedy rows take their own best either way.
     drawn_scores_b2, drawn_ids_b2 = jax.lax.cond(jnp.any(is_sampled_b), _draw,
                                                  lambda *_: (greedy_scores_b2, greedy_ids_b2), scaled_bv, a)
     best_scores_b2 = jnp.where(is_sampled_b[:, None], drawn_scores_b2, greedy_scores_b2)
     best_ids_b2 = jnp.where(is_sampled_b[:, None], drawn_ids_b2, greedy_ids_b2)
-    token_ids_b = jnp.where(is_sampled_b, drawn_ids_b2[:, 0], greedy_b).astype(jnp.int32)
+    token_ids_b = best_ids_b2[:, 0].astype(jnp.int32)
     if hidden_bd is None:
         margin_b = error_bound_b = jnp.zeros((b,), jnp.float32)
     else:
