@@ -343,7 +343,7 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     if hidden_bd is None:
         margin_b = error_bound_b = jnp.zeros((b,), jnp.float32)
     else:
-        scale_b = jnp.where(is_sampled_b, 1.0 / jnp.where(is_sampled_b, a.temperature_b, 1.0), 1.0)
+        scale_b = 1.0 / jnp.where(is_sampled_b, a.temperature_b, 1.0)  # decision units: logits / T
         margin_b, error_bound_b = decision_stability(best_scores_b2, best_ids_b2, logits_bv, hidden_bd, head,
                                                      head_is_vd=head_is_vd, scale_b=scale_b)
 
