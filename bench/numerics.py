@@ -5,10 +5,11 @@
 
 Logit error: our whole-prompt logits at each level (`hidden_states` + `logits`,
 one jitted call, weights passed as arguments) against HF transformers' forward
-of the same weights in float64; the largest absolute difference over all
-positions and the vocabulary, and standard's error over each level's (HF's
-float64 forward still computes its RoPE cos/sin in float32, as ours does; with
-them in float64, SmolLM2's errors moved by at most 26%, ULTRA's). Models:
+of the same weights in float64 throughout (`tests.hf_reference.float64_reference`:
+`.double()` alone leaves HF's RMSNorm statistics, RoPE angles and softmax in
+float32, which put a floor of ~1e-5 under every level's error); the largest
+absolute difference over all positions and the vocabulary, and standard's error
+over each level's. Models:
 SmolLM2-135M-Instruct (its GGUF, dequantised by each side) on 3 fixed prompts;
 a random Llama (hidden 256, 4 layers, GQA 4/2) on 3 random 40-token prompts;
 and that random Llama with every weight rounded to bfloat16 (stored as
@@ -93,6 +94,8 @@ def smollm2_errors(loaded) -> list[dict]:
     import torch
     import transformers
 
+    from tests.hf_reference import float64_reference
+
     path = loaded.path
     transformers.utils.logging.disable_progress_bar()  # GGUF dequantisation bars
     # Dequantised to a dense float64 model: with GGUF matmul kernels installed
@@ -102,6 +105,7 @@ def smollm2_errors(loaded) -> list[dict]:
         quantization_config=transformers.GgufConfig(dequantize=True)).eval()
     if any(p.dtype != torch.float64 for p in hf_model.parameters()):
         raise RuntimeError("the reference is not a float64 model")
+    hf_model = float64_reference(hf_model)
     prompts = [(text, loaded.tokenizer.encode(text)) for text in SMOLLM2_PROMPTS]
     return logit_errors(loaded.model, hf_model, prompts)
 
@@ -111,7 +115,7 @@ def random_llama_errors() -> tuple[list[dict], list[dict]]:
     import torch
 
     from checkpoints.safetensors_dir import load_decoder
-    from tests.hf_reference import save_tiny_model
+    from tests.hf_reference import float64_reference, save_tiny_model
 
     rng = np.random.default_rng(0)
     prompts = [(f"random #{i}", rng.integers(0, 256, RANDOM_PROMPT_TOKENS).tolist()) for i in range(3)]
@@ -119,9 +123,9 @@ def random_llama_errors() -> tuple[list[dict], list[dict]]:
         folder, rounded_folder = Path(tmp) / "f32", Path(tmp) / "bf16"
         hf_model = save_tiny_model("llama", folder, **RANDOM_LLAMA_SHAPE)
         _, model = load_decoder(folder)
-        at_float32 = logit_errors(model, hf_model.double(), prompts)
+        at_float32 = logit_errors(model, float64_reference(hf_model), prompts)
 
-        # The same weights again (`.double()` converted the first copy in place),
+        # The same weights again (the first copy was converted in place),
         # rounded to bfloat16 and stored as float32.
         hf_model = save_tiny_model("llama", folder, **RANDOM_LLAMA_SHAPE)
         with torch.no_grad():
@@ -129,7 +133,7 @@ def random_llama_errors() -> tuple[list[dict], list[dict]]:
                 p.copy_(p.to(torch.bfloat16).to(torch.float32))
         hf_model.save_pretrained(rounded_folder, safe_serialization=True)
         _, model = load_decoder(rounded_folder)
-        at_bfloat16 = logit_errors(model, hf_model.double(), prompts)
+        at_bfloat16 = logit_errors(model, float64_reference(hf_model), prompts)
     return at_float32, at_bfloat16
 
 

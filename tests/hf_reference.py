@@ -47,3 +47,44 @@ def hf_logits(model: torch.nn.Module, token_ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor([token_ids]))
     return out.logits[0].float().numpy()
+
+
+def float64_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (converted in place) computing every step in float64.
+
+    `.double()` alone is not enough: HF's RMSNorm casts its input to float32
+    for the statistics, its rotary embedding keeps the inverse frequencies and
+    the angles in float32, and eager attention's softmax runs in float32. Those
+    three are replaced here; attention goes through SDPA, which computes in the
+    input's dtype. Only the default (unscaled) RoPE is rebuilt.
+    """
+    model = model.double()
+    model.config._attn_implementation = "sdpa"
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm"):
+            module.forward = _float64_rms_norm(module)
+        elif name.endswith("RotaryEmbedding"):
+            if module.rope_type != "default":
+                raise ValueError(f"float64 reference: RoPE type {module.rope_type!r} is not rebuilt")
+            module.forward = _float64_rotary(module, model.config)
+    return model
+
+
+def _float64_rms_norm(norm):
+    def forward(x):
+        x = x.double()
+        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    return forward
+
+
+def _float64_rotary(rotary, config):
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = config.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+    def forward(x, position_ids):
+        angles = position_ids[..., None].double() * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
+    return forward

@@ -1,5 +1,5 @@
 """Precision levels of the decoder against a float64 forward of the same
-weights (HF transformers, PyTorch CPU, `.double()`), on a tiny random Llama,
+weights (HF transformers, PyTorch CPU, float64 throughout), on a tiny random Llama,
 and their batch invariance.
 
 The numerics issue's acceptance figures (SmolLM2, 3 prompts) come from
@@ -17,7 +17,7 @@ from flax import nnx
 
 from checkpoints.safetensors_dir import load_decoder
 from model.numerics import Precision
-from tests.hf_reference import save_tiny_model
+from tests.hf_reference import float64_reference, save_tiny_model
 
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2)
@@ -39,7 +39,7 @@ def _errors(folder, hf_model) -> dict[Precision, float]:
     logits = _logits_fn(model)
     ids = np.random.default_rng(0).integers(0, 256, (1, 40)).astype(np.int32)
     with torch.no_grad():
-        reference = hf_model.double()(torch.tensor(ids)).logits[0].numpy()
+        reference = float64_reference(hf_model)(torch.tensor(ids)).logits[0].numpy()
     return {p: float(np.abs(logits(p, ids, np.ones_like(ids, bool))[0] - reference).max()) for p in Precision}
 
 
@@ -51,7 +51,8 @@ def tiny(tmp_path_factory):
 
 def test_ultra_is_closer_to_float64_than_plain_float32(tiny):
     errors = _errors(*tiny)
-    assert errors[Precision.ULTRA] * 3 <= errors[Precision.STANDARD], errors
+    print({p.value: f"{e:.3g}" for p, e in errors.items()})
+    assert errors[Precision.ULTRA] * 5 <= errors[Precision.STANDARD], errors
 
 
 def test_high_is_no_worse_than_plain_float32_at_bfloat16_weights(tmp_path):
@@ -61,6 +62,7 @@ def test_high_is_no_worse_than_plain_float32_at_bfloat16_weights(tmp_path):
             p.copy_(p.to(torch.bfloat16).to(torch.float32))
     hf_model.save_pretrained(tmp_path / "bf16", safe_serialization=True)
     errors = _errors(tmp_path / "bf16", hf_model)
+    print({p.value: f"{e:.3g}" for p, e in errors.items()})
     assert errors[Precision.HIGH] <= errors[Precision.STANDARD], errors
 
 
