@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from checkpoints.errors import CheckpointError
+from model import sharding
 from model.config import DecoderConfig
 from model.llama import LlamaForCausalLM, layer_weight_shapes
 
@@ -40,9 +41,18 @@ TensorReader = Callable[[str], np.ndarray]
 
 
 def build_decoder(cfg: DecoderConfig, names: Iterable[str], read: TensorReader, *,
-                  source: str, dtype=jnp.float32) -> LlamaForCausalLM:
-    """Build the model from HF-named tensors; `source` names the file in errors."""
+                  source: str, dtype=jnp.float32, mesh=None) -> LlamaForCausalLM:
+    """Build the model from HF-named tensors; `source` names the file in errors.
+
+    Each weight goes from the host straight onto its sharding over `mesh`
+    (model.sharding; one device when None), so no device holds more than its share.
+    """
     available = set(names)
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    sharding.check_shardable(cfg, mesh)
+
+    def place(array: np.ndarray, path: str) -> jax.Array:
+        return jax.device_put(np.asarray(array, dtype=dtype), sharding.param_sharding(path, cfg, mesh))
 
     def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in available:
@@ -62,16 +72,16 @@ def build_decoder(cfg: DecoderConfig, names: Iterable[str], read: TensorReader, 
         for i in range(cfg.num_layers):
             array = fetch(f"model.layers.{i}.{hf_suffix}", hf_shape)
             layers.append(array.T if is_matrix else array)
-        weights[ours] = jnp.asarray(np.stack(layers), dtype=dtype)
+        weights[ours] = place(np.stack(layers), f"layers.{ours}")
 
     D, V = cfg.hidden_size, cfg.vocab_size
     model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     for name, value in weights.items():
         assign_value(getattr(model.layers, name), value)
-    assign_value(model.embed_tokens, jnp.asarray(fetch("model.embed_tokens.weight", (V, D)), dtype))
-    assign_value(model.final_norm, jnp.asarray(fetch("model.norm.weight", (D,)), dtype))
+    assign_value(model.embed_tokens, place(fetch("model.embed_tokens.weight", (V, D)), "embed_tokens"))
+    assign_value(model.final_norm, place(fetch("model.norm.weight", (D,)), "final_norm"))
     if not cfg.tie_word_embeddings:
-        assign_value(model.lm_head, jnp.asarray(fetch("lm_head.weight", (V, D)).T, dtype))
+        assign_value(model.lm_head, place(fetch("lm_head.weight", (V, D)).T, "lm_head"))
     return model
 
 

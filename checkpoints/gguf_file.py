@@ -144,7 +144,7 @@ def _unpermute(w_oi: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w_oi.shape))
 
 
-def load_decoder(path: Path, *, dtype=jnp.float32) -> tuple[DecoderConfig, LlamaForCausalLM]:
+def load_decoder(path: Path, *, dtype=jnp.float32, mesh=None) -> tuple[DecoderConfig, LlamaForCausalLM]:
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
     tensors = {}
@@ -174,4 +174,4 @@ def load_decoder(path: Path, *, dtype=jnp.float32) -> tuple[DecoderConfig, Llama
                 w = _unpermute(w, num_heads)
         return w
 
-    return cfg, build_decoder(cfg, tensors.keys(), read, source=str(path), dtype=dtype)
+    return cfg, build_decoder(cfg, tensors.keys(), read, source=str(path), dtype=dtype, mesh=mesh)

@@ -11,8 +11,9 @@ import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
+from flax import nnx
 
-from checkpoints import gguf_file, safetensors_dir
+from checkpoints import gguf_file, orbax_dir, safetensors_dir
 from checkpoints.default_model import DEFAULT_MODEL_NAME, default_model_path
 from checkpoints.errors import CheckpointError
 from checkpoints.tokenizer import Tokenizer
@@ -28,23 +29,33 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def load_model(path: str | Path | None = None, *, dtype=jnp.float32) -> LoadedModel:
-    """Load weights and tokenizer from `path` (the default model when None).
+def load_model(path: str | Path | None = None, *, dtype=None, mesh=None) -> LoadedModel:
+    """Load weights and tokenizer from `path` (the default model when None), each weight
+    placed on its sharding over `mesh` (model.sharding; one device when None).
 
+    `dtype`: of the weights; None keeps an Orbax checkpoint's own and gives float32 otherwise.
     Raises CheckpointError, with a one-line message, for anything unusable.
     """
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
-        config, model = safetensors_dir.load_decoder(path, dtype=dtype)
+    if orbax_dir.is_orbax_dir(path):
+        config, model = orbax_dir.load_decoder(path, mesh=mesh)
+        if dtype is not None:
+            for _, variable in nnx.iter_graph(model):
+                if isinstance(variable, nnx.Param) and variable[...].dtype != dtype:
+                    variable.set_value(variable[...].astype(dtype))
+        tokenizer = Tokenizer.from_folder(path)
+    elif path.is_dir():
+        config, model = safetensors_dir.load_decoder(path, dtype=dtype or jnp.float32, mesh=mesh)
         tokenizer = Tokenizer.from_folder(path)
     elif gguf_file.is_gguf_file(path):
-        config, model = gguf_file.load_decoder(path, dtype=dtype)
+        config, model = gguf_file.load_decoder(path, dtype=dtype or jnp.float32, mesh=mesh)
         tokenizer = Tokenizer.from_gguf(path)
     else:
         raise CheckpointError(
-            f"{path}: not a model: expected a GGUF file or a folder with config.json and safetensors")
+            f"{path}: not a model: expected a GGUF file, a folder with config.json and safetensors, "
+            f"or a converted (Orbax) checkpoint folder")
     return LoadedModel(path=path, config=config, model=model, tokenizer=tokenizer)
 
 

@@ -59,7 +59,7 @@ def _names_in(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_decoder(folder: Path, *, dtype=jnp.float32) -> tuple[DecoderConfig, LlamaForCausalLM]:
+def load_decoder(folder: Path, *, dtype=jnp.float32, mesh=None) -> tuple[DecoderConfig, LlamaForCausalLM]:
     try:
         cfg = DecoderConfig.from_hf_dict(read_config(folder))
     except ConfigError as e:
@@ -80,6 +80,6 @@ def load_decoder(folder: Path, *, dtype=jnp.float32) -> tuple[DecoderConfig, Lla
             except Exception as e:
                 raise CheckpointError(f"{files[name]}: cannot read tensor {name!r} ({e})") from None
 
-        return cfg, build_decoder(cfg, files.keys(), read, source=str(folder), dtype=dtype)
+        return cfg, build_decoder(cfg, files.keys(), read, source=str(folder), dtype=dtype, mesh=mesh)
     finally:
         handles.clear()

@@ -39,6 +39,11 @@ class Tokenizer:
                                   f"enough): pip install 'balansis[gguf]'")
         return cls(_load(str(path.parent), gguf_file=path.name), source=str(path))
 
+    def save(self, folder: Path) -> None:
+        """Write the tokenizer, its special tokens and chat template into `folder`, in HF's
+        files (`tokenizer.json`, `tokenizer_config.json`), which `from_folder` reads back."""
+        self._hf.save_pretrained(str(folder))
+
     @property
     def bos_token_id(self) -> int | None:
         return self._hf.bos_token_id

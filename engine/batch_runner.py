@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine.model_runner import bucket
 from engine.packing import Layout, pack, unpack
@@ -37,7 +38,7 @@ from engine.sampler import SampleResult, SamplingRow, pack_sampling, sample_toke
 from engine.sampling import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import TokenLogprobs
-from model import numerics
+from model import numerics, sharding
 from model.numerics import Precision
 from model.kv_cache import KVCache
 from model.llama import LlamaForCausalLM
@@ -60,8 +61,11 @@ class StepOutput:
 class BatchRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_id: int | None, kv_dtype=jnp.float32):
+                 eos_token_id: int | None, kv_dtype=jnp.float32, mesh: Mesh | None = None):
         self.config = model.config
+        # Weights and cache lie on the mesh (model.sharding); every step runs over all of it.
+        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        sharding.shard_model(model, self.mesh)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -71,8 +75,11 @@ class BatchRunner:
         # The LM head's weights, for the sampler's stability check (the same arrays, no copy).
         self._head_is_vd = model.config.tie_word_embeddings
         self._head = model.embed_tokens[...] if self._head_is_vd else model.lm_head[...]
-        self.kv = KVCache.zeros(self.config, num_pages=num_blocks, page_size=block_size, dtype=kv_dtype)
-        self._step = functools.partial(_compiled_step, self.graphdef)
+        kv_sharding = sharding.kv_cache_sharding(self.config, self.mesh)
+        self.kv = KVCache.zeros(self.config, num_pages=num_blocks, page_size=block_size, dtype=kv_dtype,
+                                sharding=kv_sharding)
+        self._step = _compiled_step(self.graphdef, self.mesh, jax.tree.map(lambda a: a.sharding, self.state),
+                                    kv_sharding)
 
     # -- shapes ------------------------------------------------------------------
     def _pages_bucket(self, num_pages: int) -> int:
@@ -146,7 +153,7 @@ class BatchRunner:
             c.seq.params.prompt_logprobs is not None for c in chunks)
         buffer, layout = pack((token_ids, positions, tables, is_valid, arrays, next_ids))
         logits_bv, hidden_bd, sampling, prompt, self.kv = self._step(
-            layout, self.state, self.kv, buffer, with_prompt_logprobs=wants_prompt_logprobs, precision=precision)
+            layout, wants_prompt_logprobs, precision, self.state, self.kv, buffer)
         # Static: a batch without logprobs skips the log-softmax.
         num_top_logprobs = MAX_LOGPROBS if wants_logprobs else 0
         sample = sample_tokens(logits_bv, sampling, num_top_logprobs=num_top_logprobs,
@@ -204,7 +211,7 @@ class BatchRunner:
             buffer, layout = pack((zeros, zeros, np.zeros((b, p), np.int32), np.zeros((b, t), bool),
                                    arrays, zeros))
             logits_bv, hidden_bd, sampling, _, self.kv = self._step(
-                layout, self.state, self.kv, buffer, with_prompt_logprobs=False, precision=precision)
+                layout, False, precision, self.state, self.kv, buffer)
             if b not in sampled_batches:  # the sampler's shapes depend on B alone
                 sampled_batches.add(b)
                 jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0, with_logprobs=False,
@@ -223,13 +230,18 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2 ** i for i in range(limit.bit_length())]
 
 
-def _step(graphdef, layout: Layout, state, kv, buffer_n, *, with_prompt_logprobs: bool,
-          precision: Precision = Precision.STANDARD):
+def _step(graphdef, mesh: Mesh, layout: Layout, with_prompt_logprobs: bool, precision: Precision,
+          state, kv, buffer_n):
     """Forward over the paged cache: logits `[B, V]` at each row's last valid
     token and its hidden state (for the sampler's stability check), the
     sampling arrays (unpacked here, so they cross to the device in the one
     buffer), prompt logprobs when asked, the updated cache."""
     token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, sampling, next_ids_bt = unpack(buffer_n, layout)
+    if token_ids_bt.shape[0] % mesh.shape[sharding.DATA] == 0:  # rows split over data-parallel replicas
+        rows = NamedSharding(mesh, PartitionSpec(sharding.DATA))
+        token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, next_ids_bt = (
+            jax.lax.with_sharding_constraint(a, rows)
+            for a in (token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, next_ids_bt))
     model = nnx.merge(graphdef, state)
     hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, precision=precision)
     last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)
@@ -244,8 +256,25 @@ def _step(graphdef, layout: Layout, state, kv, buffer_n, *, with_prompt_logprobs
     return model.logits(hidden_bd, precision=precision), hidden_bd, sampling, prompt, kv
 
 
-# The graph definition and the input layout are static (hashable): every
-# runner of the same architecture shares compiled programs, and weights stay
-# arguments. All other inputs arrive packed in one buffer (one transfer).
-_compiled_step = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3,),
-                         static_argnames=("with_prompt_logprobs", "precision"))
+_COMPILED_STEPS: dict = {}
+
+
+def _compiled_step(graphdef, mesh: Mesh, state_shardings, kv_sharding):
+    """`_step` compiled for one architecture on one mesh, with explicit shardings: weights and
+    cache as placed, the packed input buffer and every output but the cache replicated.
+
+    The graph definition and the input layout are static (hashable): every
+    runner of the same architecture and mesh shares compiled programs, and
+    weights stay arguments. All other inputs arrive packed in one buffer
+    (one transfer). The cache is donated, so XLA updates it in place.
+    The weights' shardings follow from the architecture and the mesh
+    (model.sharding), so they need no place in the key.
+    """
+    key = (graphdef, mesh, kv_sharding)
+    if key not in _COMPILED_STEPS:
+        everywhere = sharding.replicated(mesh)
+        _COMPILED_STEPS[key] = jax.jit(
+            functools.partial(_step, graphdef, mesh), static_argnums=(0, 1, 2), donate_argnums=(4,),
+            in_shardings=(state_shardings, kv_sharding, everywhere),
+            out_shardings=(everywhere, everywhere, everywhere, everywhere, kv_sharding))
+    return _COMPILED_STEPS[key]

@@ -1,8 +1,8 @@
 """The `balansis` command line.
 
-Subcommands: `serve`, `generate`, `run-batch`, `bench`; `convert` and
-`inspect` come with later work. Each subcommand's flags map one
-to one onto the parameters of the code it calls.
+Subcommands: `serve`, `generate`, `run-batch`, `convert`, `inspect`,
+`bench`. Each subcommand's flags map one to one onto the parameters of the
+code it calls.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     started = time.perf_counter()
-    loaded = load_model(args.model)
+    engine_config = engine_config_from_args(args, max_num_seqs=1)
+    loaded = load_model(args.model, mesh=engine_config.mesh())
     tokenizer = loaded.tokenizer
     if args.chat is not None:
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.chat}])
     else:
         prompt_ids = tokenizer.encode(args.prompt)
-    engine = LLMEngine(loaded, engine_config_from_args(args, max_num_seqs=1))
+    engine = LLMEngine(loaded, engine_config)
     engine.add_request("generate", prompt_ids, params)
     loaded_at = time.perf_counter()
 
@@ -54,6 +55,36 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"{num_tokens} tokens in {finished - loaded_at:.2f} s (prompt {len(prompt_ids)} tokens, "
           f"first token {first_token_at - loaded_at:.2f} s, {rate:.1f} tok/s after it; "
           f"load {loaded_at - started:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from checkpoints import orbax_dir
+    from checkpoints.errors import CheckpointError
+    from checkpoints.loader import load_model
+
+    destination = Path(args.destination)
+    if destination.exists() and not args.overwrite:  # before minutes of loading
+        raise CheckpointError(f"{destination}: already exists (pass --overwrite to replace it)")
+    started = time.perf_counter()
+    loaded = load_model(args.source, dtype=orbax_dir.DTYPES[args.dtype])
+    orbax_dir.save(loaded.model, loaded.tokenizer, destination, source=str(Path(args.source).absolute()),
+                   overwrite=args.overwrite)
+    print(f"{destination}: {loaded.config.model_type}, {args.dtype}, written in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from checkpoints.inspect_model import describe, format_description
+
+    description = describe(Path(args.path))
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
     return 0
 
 
@@ -86,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     batch = commands.add_parser("run-batch", help="run an OpenAI Batch API input file offline")
     batch_jobs.add_arguments(batch)
     batch.set_defaults(handler=batch_jobs.run_batch_command)
+
+    convert = commands.add_parser(
+        "convert", help="convert an HF safetensors folder or a GGUF file into an Orbax checkpoint folder")
+    convert.add_argument("source", help="GGUF file, HF safetensors folder or Orbax checkpoint folder")
+    convert.add_argument("destination", help="the new checkpoint folder (must not exist)")
+    convert.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                         help="dtype of the stored weights (default: %(default)s)")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an existing destination (once the new one is complete)")
+    convert.set_defaults(handler=_convert)
+
+    inspect = commands.add_parser("inspect", help="architecture, parameter count, dtypes and sizes of a "
+                                                  "checkpoint (any supported format)")
+    inspect.add_argument("path", help="GGUF file, HF safetensors folder or Orbax checkpoint folder")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+    inspect.set_defaults(handler=_inspect)
 
     from bench import throughput
 

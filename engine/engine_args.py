@@ -46,12 +46,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, default=defaults.block_size,
                        help="tokens per KV cache page (default: %(default)s)")
     group.add_argument("--kv-cache-memory", type=parse_memory, default=None,
-                       help="KV cache size: bytes (4GiB, 512MiB) or a fraction of free device memory "
+                       help="KV cache size per device: bytes (4GiB, 512MiB) or a fraction of free device memory "
                             "(0.8); default 0.9 of free memory, 2GiB on CPU")
     group.add_argument("--precision", choices=[p.value for p in Precision], default=defaults.precision,
                        help="numerics level of requests that do not choose one: standard (plain float32 "
                             "here), high (compensated, batch-invariant) or ultra (also error-free matmuls "
                             "and double-word activations) (default: %(default)s)")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
+                       help="devices each weight matrix is split over (default: %(default)s)")
+    group.add_argument("--data-parallel-size", "-dp", type=int, default=defaults.data_parallel_size,
+                       help="replicas of the weights, each running its share of a step's batch "
+                            "(default: %(default)s)")
     group.add_argument("--no-prefix-caching", action="store_true",
                        help="do not reuse the KV cache of repeated prompt prefixes")
     group.add_argument("--warmup", action="store_true",
@@ -68,6 +73,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
         precision=args.precision,
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         warmup=args.warmup,
         compilation_cache_dir=None if args.no_compilation_cache else args.compilation_cache)
     values.update(overrides)

@@ -27,7 +27,7 @@ class LLM:
     def __init__(self, model: str | Path | LoadedModel | None = None, *,
                  config: EngineConfig = EngineConfig()):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, mesh=config.mesh())
         self.engine = LLMEngine(loaded, config)
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()

@@ -27,6 +27,7 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence, TokenLogprobs
 from engine.text_output import TextOutput
+from model import sharding
 from model.numerics import Precision
 
 _CPU_DEFAULT_KV_BYTES = 2 * 2**30  # CPUs report no memory limit to size a fraction of
@@ -40,14 +41,21 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget of one step
     block_size: int = 16
-    # KV cache size: bytes (int), a fraction of free device memory (float
-    # in (0, 1]), or None for 0.9 of free memory (2 GiB on CPU).
+    # KV cache size per device: bytes (int), a fraction of free device
+    # memory (float in (0, 1]), or None for 0.9 of free memory (2 GiB on CPU).
     kv_cache_memory: int | float | None = None
     enable_prefix_caching: bool = True
     # The numerics level of requests that do not choose one (model.numerics.Precision's names).
     precision: str = "standard"
+    # The device mesh (model.sharding): tensor-parallel shards × data-parallel replicas.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     warmup: bool = False  # compile every bucketed program at start (at `precision`)
     compilation_cache_dir: str | None = None  # JAX's persistent cache; None: off
+
+    def mesh(self):
+        """The device mesh these sizes ask for (model.sharding.make_mesh)."""
+        return sharding.make_mesh(self.tensor_parallel_size, self.data_parallel_size)
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -55,6 +63,8 @@ class EngineConfig:
         if isinstance(self.kv_cache_memory, float) and not 0 < self.kv_cache_memory <= 1:
             raise ValueError(f"a kv_cache_memory fraction must be in (0, 1], got {self.kv_cache_memory}")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and data_parallel_size must be at least 1")
         if self.precision not in {p.value for p in Precision}:
             raise ValueError(f"precision must be one of {[p.value for p in Precision]}, got {self.precision!r}")
 
@@ -129,9 +139,14 @@ class LLMEngine:
         self.config = config
         self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
         self.eos_token_id = self.tokenizer.eos_token_id
+        self.mesh = config.mesh()
+        sharding.shard_model(loaded.model, self.mesh)  # first: the KV budget is what the weights leave
         dtype_size = jnp.dtype(jnp.float32).itemsize
-        bytes_per_block = 2 * cfg.num_layers * cfg.num_kv_heads * config.block_size * cfg.head_dim * dtype_size
-        self.num_blocks = max(1, _kv_budget(config.kv_cache_memory) // bytes_per_block)
+        # The budget is per device; a device holds its share of the KV heads.
+        kv_heads_per_device = cfg.num_kv_heads // (
+            config.tensor_parallel_size if sharding.kv_heads_axis(cfg, self.mesh) else 1)
+        bytes_per_block = 2 * cfg.num_layers * kv_heads_per_device * config.block_size * cfg.head_dim * dtype_size
+        self.num_blocks = max(1, _kv_budget(config.kv_cache_memory, self.mesh) // bytes_per_block)
         # No more than every running sequence at full length needs.
         self.num_blocks = min(self.num_blocks,
                               config.max_num_seqs * -(-self.max_model_len // config.block_size))
@@ -142,7 +157,8 @@ class LLMEngine:
         self.runner = BatchRunner(loaded.model, num_blocks=self.num_blocks, block_size=config.block_size,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, eos_token_id=self.eos_token_id)
+                                  max_model_len=self.max_model_len, eos_token_id=self.eos_token_id,
+                                  mesh=self.mesh)
         self._requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0  # computed, over the engine's life
         self.num_generation_tokens = 0
@@ -307,12 +323,13 @@ def _stability(seq: Sequence) -> Stability | None:
     return Stability(score=seq.num_stable_tokens / len(seq.output_ids), first_fragile_token=seq.first_fragile_index)
 
 
-def _kv_budget(kv_cache_memory: int | float | None) -> int:
-    """Bytes for the KV cache from the config value (see EngineConfig)."""
+def _kv_budget(kv_cache_memory: int | float | None, mesh) -> int:
+    """Bytes of KV cache per device from the config value (see EngineConfig): a fraction
+    of the free memory of the mesh's fullest device."""
     if isinstance(kv_cache_memory, int):
         return kv_cache_memory
     fraction = 0.9 if kv_cache_memory is None else kv_cache_memory
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
+    stats = [d.memory_stats() or {} for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if not stats or any("bytes_limit" not in s for s in stats):
         return int(_CPU_DEFAULT_KV_BYTES * (fraction / 0.9 if kv_cache_memory is not None else 1))
-    return int(fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    return int(fraction * min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats))

@@ -87,6 +87,33 @@ class DecoderConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """An HF `config.json` that `from_hf_dict` reads back as this config (and transformers
+        reads as the same model)."""
+        rope: dict[str, Any] = {"rope_type": self.rope_scaling.rope_type.value, "rope_theta": self.rope_theta}
+        if self.rope_scaling.rope_type is not RopeType.DEFAULT:
+            rope["factor"] = self.rope_scaling.factor
+        if self.rope_scaling.rope_type is RopeType.LLAMA3:
+            s = self.rope_scaling
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                        original_max_position_embeddings=s.original_max_position_embeddings)
+        hf: dict[str, Any] = {
+            "model_type": self.model_type,
+            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}[self.model_type]],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_parameters": rope, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
+        }
+        if self.model_type == "llama":
+            hf["attention_bias"] = self.has_qkv_bias
+        if self.model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        return hf
+
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any]) -> "DecoderConfig":
         """Build from the contents of an HF `config.json`."""

@@ -31,9 +31,11 @@ class KVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, cfg: DecoderConfig, *, num_pages: int, page_size: int,
-              dtype=jnp.float32) -> "KVCache":
+              dtype=jnp.float32, sharding: jax.sharding.Sharding | None = None) -> "KVCache":
+        """An empty cache; with `sharding`, each device allocates only its own shard."""
         shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return cls(make(), make())
 
 
 def write_slots(positions_bt: jax.Array, block_tables_bp: jax.Array, is_valid_bt: jax.Array,

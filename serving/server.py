@@ -127,7 +127,7 @@ def _decoder_loader(path, engine_config):
         from checkpoints.loader import load_model
         from engine.llm_engine import LLMEngine
 
-        return LLMEngine(load_model(path), engine_config)
+        return LLMEngine(load_model(path, mesh=engine_config.mesh()), engine_config)
 
     return load
 

@@ -1,0 +1,91 @@
+"""Run a tiny model over several meshes in one process of 8 CPU devices and
+print what each gave, as JSON (used by test_sharding.py, in a subprocess,
+because the device count is fixed when JAX starts).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m tests.engine.sharded_worker FOLDER RUNS
+
+RUNS: `tp x dp / level` items, e.g. `1x1/standard,2x1/standard,2x1/ultra`.
+For each: the engine's greedy tokens with top-5 logprobs and prompt
+logprobs for a few prompts run together, and the full logits of one prompt
+from a plain jitted forward over the sharded weights. Also the error a
+tensor-parallel size of 3 gets (the tiny model has 4 heads).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+PROMPTS = ([5, 17, 99, 3, 42, 42, 7], [200, 1, 2, 3], list(range(10, 40)), [250] * 9)
+
+
+def main(folder: str, runs: str) -> dict:
+    from checkpoints.default_model import default_model_path
+    from checkpoints.loader import LoadedModel
+    from checkpoints.safetensors_dir import load_decoder
+    from checkpoints.tokenizer import Tokenizer
+    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.sampling import SamplingParams
+    from model import sharding
+    from model.numerics import Precision
+
+    tokenizer = Tokenizer.from_gguf(default_model_path())  # SmolLM2's, for the first 256 ids
+    results = {"devices": len(jax.devices()), "runs": {}}
+    for run in runs.split(","):
+        mesh_text, level = run.split("/")
+        tp, dp = (int(n) for n in mesh_text.split("x"))
+        config = EngineConfig(max_model_len=128, max_num_seqs=8, kv_cache_memory=4 * 2**20,
+                              tensor_parallel_size=tp, data_parallel_size=dp)
+        _, model = load_decoder(Path(folder), mesh=config.mesh())  # straight onto the mesh
+        loaded = LoadedModel(path=Path(folder), config=model.config, model=model, tokenizer=tokenizer)
+        engine = LLMEngine(loaded, config)
+        params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=5, prompt_logprobs=5,
+                                ignore_eos=True, precision=level)
+        for i, ids in enumerate(PROMPTS):
+            engine.add_request(str(i), ids, params)
+        finals = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finals[output.request_id] = output
+        outputs = [finals[str(i)] for i in range(len(PROMPTS))]
+        q_proj = model.layers.q_proj[...]
+        results["runs"][run] = {
+            "tokens": [o.outputs[0].token_ids for o in outputs],
+            "logprobs": [[(lp.logprob, *(v for _, v in lp.top)) for lp in o.outputs[0].logprobs]
+                         for o in outputs],
+            "prompt_logprobs": [[(lp.logprob, *(v for _, v in lp.top)) for lp in o.prompt_logprobs]
+                                for o in outputs],
+            "logits": _logits(model, PROMPTS[2], Precision(level)).tolist(),
+            "q_proj_shard_shape": list(q_proj.sharding.shard_shape(q_proj.shape)),
+            "kv_heads_split": sharding.kv_heads_axis(model.config, engine.mesh) is not None,
+            "kv_cache_shard_shape": list(engine.runner.kv.k.sharding.shard_shape(engine.runner.kv.k.shape)),
+        }
+    try:
+        load_decoder(Path(folder), mesh=sharding.make_mesh(3, 1))
+        results["unsplittable"] = None
+    except ValueError as e:
+        results["unsplittable"] = str(e)
+    return results
+
+
+def _logits(model, ids: list[int], precision) -> np.ndarray:
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids, valid):
+        m = nnx.merge(graphdef, state)
+        return m.logits(m.hidden_states(ids, valid, precision=precision), precision=precision)
+
+    ids = np.asarray([ids], np.int32)
+    return np.asarray(forward(state, ids, np.ones_like(ids, bool)))[0]
+
+
+if __name__ == "__main__":
+    json.dump(main(*sys.argv[1:3]), sys.stdout)

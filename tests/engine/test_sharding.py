@@ -1,0 +1,75 @@
+"""Tensor and data parallelism on 8 CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`, in a subprocess: the
+device count is fixed when JAX starts): the engine over a tp × dp mesh gives
+the same greedy tokens as one device and logprobs and logits within 1e-5
+under `standard`, and the very same bits under `ultra`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.hf_reference import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS = ("1x1/standard", "2x1/standard", "4x1/standard", "1x2/standard", "2x2/standard",
+        "1x1/ultra", "4x1/ultra")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("tiny-sharded")
+    save_tiny_model("llama", folder, max_position_embeddings=256)  # 4 heads, 2 KV heads
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "tests.engine.sharded_worker", str(folder), ",".join(RUNS)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    def floats(run):
+        return np.concatenate([np.ravel(x) for key in ("logprobs", "prompt_logprobs")
+                               for rows in run[key] for x in rows] + [np.ravel(run["logits"])])
+    return float(np.abs(floats(a) - floats(b)).max())
+
+
+@pytest.mark.parametrize("mesh", ["2x1", "4x1", "1x2", "2x2"])
+def test_standard_on_a_mesh_matches_one_device(sharded_runs, mesh):
+    one, many = sharded_runs["runs"]["1x1/standard"], sharded_runs["runs"][f"{mesh}/standard"]
+    assert many["tokens"] == one["tokens"]
+    difference = _largest_difference(one, many)
+    print(f"{mesh} standard: largest logprob/logit difference from one device {difference:.3g}")
+    assert difference <= 1e-5
+
+
+def test_ultra_on_a_mesh_gives_the_same_bits(sharded_runs):
+    """Four-way tensor parallel, KV heads replicated: the hardest split for the bits."""
+    one, many = sharded_runs["runs"]["1x1/ultra"], sharded_runs["runs"]["4x1/ultra"]
+    assert many["tokens"] == one["tokens"]
+    assert _largest_difference(one, many) == 0.0
+
+
+def test_weights_and_cache_are_split_as_the_rules_say(sharded_runs):
+    runs = sharded_runs["runs"]
+    assert sharded_runs["devices"] == 8
+    # q_proj [layers, hidden, heads × head_dim] = [3, 64, 64]: column-parallel.
+    assert runs["1x1/standard"]["q_proj_shard_shape"] == [3, 64, 64]
+    assert runs["2x1/standard"]["q_proj_shard_shape"] == [3, 64, 32]
+    assert runs["4x1/standard"]["q_proj_shard_shape"] == [3, 64, 16]
+    assert runs["1x2/standard"]["q_proj_shard_shape"] == [3, 64, 64]  # data parallel: replicated
+    # The cache [layers, KV heads, pages, page, head_dim]: 2 KV heads split over tp 2,
+    # replicated over tp 4 (fewer KV heads than shards).
+    assert runs["2x1/standard"]["kv_heads_split"] and runs["2x1/standard"]["kv_cache_shard_shape"][1] == 1
+    assert not runs["4x1/standard"]["kv_heads_split"] and runs["4x1/standard"]["kv_cache_shard_shape"][1] == 2
+
+
+def test_a_shape_that_cannot_be_split_is_refused_before_loading(sharded_runs):
+    assert sharded_runs["unsplittable"] == (
+        "tensor-parallel size 3 does not divide the model's attention heads (4)")
