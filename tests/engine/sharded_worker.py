@@ -3,9 +3,11 @@ print what each gave, as JSON (used by test_sharding.py, in a subprocess,
 because the device count is fixed when JAX starts).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python -m tests.engine.sharded_worker FOLDER RUNS
+        python -m tests.engine.sharded_worker FOLDER RUNS [ORBAX_FOLDER]
 
-RUNS: `tp x dp / level` items, e.g. `1x1/standard,2x1/standard,2x1/ultra`.
+RUNS: `tp x dp / level` items, e.g. `1x1/standard,2x1/standard,2x1/ultra`;
+`2x1/standard@orbax` restores the weights from ORBAX_FOLDER (optional third
+argument, the same weights converted) straight onto the mesh.
 For each: the engine's greedy tokens with top-5 logprobs and prompt
 logprobs for a few prompts run together, and the full logits of one prompt
 from a plain jitted forward over the sharded weights. Also the error a
@@ -25,9 +27,9 @@ from flax import nnx
 PROMPTS = ([5, 17, 99, 3, 42, 42, 7], [200, 1, 2, 3], list(range(10, 40)), [250] * 9)
 
 
-def main(folder: str, runs: str) -> dict:
+def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
     from checkpoints.default_model import default_model_path
-    from checkpoints.loader import LoadedModel
+    from checkpoints.loader import LoadedModel, load_model
     from checkpoints.safetensors_dir import load_decoder
     from checkpoints.tokenizer import Tokenizer
     from engine.llm_engine import EngineConfig, LLMEngine
@@ -39,10 +41,14 @@ def main(folder: str, runs: str) -> dict:
     results = {"devices": len(jax.devices()), "runs": {}}
     for run in runs.split(","):
         mesh_text, level = run.split("/")
+        level, _, source = level.partition("@")  # "@orbax": restored from the converted checkpoint
         tp, dp = (int(n) for n in mesh_text.split("x"))
         config = EngineConfig(max_model_len=128, max_num_seqs=8, kv_cache_memory=4 * 2**20,
                               tensor_parallel_size=tp, data_parallel_size=dp)
-        _, model = load_decoder(Path(folder), mesh=config.mesh())  # straight onto the mesh
+        if source == "orbax":
+            model = load_model(orbax_folder, mesh=config.mesh()).model
+        else:
+            _, model = load_decoder(Path(folder), mesh=config.mesh())  # straight onto the mesh
         loaded = LoadedModel(path=Path(folder), config=model.config, model=model, tokenizer=tokenizer)
         engine = LLMEngine(loaded, config)
         params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=5, prompt_logprobs=5,
@@ -88,4 +94,4 @@ def _logits(model, ids: list[int], precision) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    json.dump(main(*sys.argv[1:3]), sys.stdout)
+    json.dump(main(*sys.argv[1:4]), sys.stdout)

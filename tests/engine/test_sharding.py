@@ -2,7 +2,8 @@
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, in a subprocess: the
 device count is fixed when JAX starts): the engine over a tp × dp mesh gives
 the same greedy tokens as one device and logprobs and logits within 1e-5
-under `standard`, and the very same bits under `ultra`."""
+under `standard`, and the very same bits under `ultra`; an Orbax checkpoint
+restores onto the mesh."""
 
 from __future__ import annotations
 
@@ -15,19 +16,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from checkpoints import orbax_dir
+from checkpoints.safetensors_dir import load_decoder
 from tests.hf_reference import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = ("1x1/standard", "2x1/standard", "4x1/standard", "1x2/standard", "2x2/standard",
-        "1x1/ultra", "4x1/ultra")
+        "1x1/ultra", "4x1/ultra", "2x1/standard@orbax")
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory) -> dict:
+def sharded_runs(tmp_path_factory, smollm2) -> dict:
     folder = tmp_path_factory.mktemp("tiny-sharded")
-    save_tiny_model("llama", folder, max_position_embeddings=256)  # 4 heads, 2 KV heads
+    hf_model = save_tiny_model("llama", folder, max_position_embeddings=256)  # 4 heads, 2 KV heads
+    orbax_folder = tmp_path_factory.mktemp("tiny-sharded-orbax") / "converted"
+    _, model = load_decoder(folder)
+    orbax_dir.save(model, smollm2.tokenizer, orbax_folder, source=str(folder))
+    del hf_model, model
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "tests.engine.sharded_worker", str(folder), ",".join(RUNS)],
+    done = subprocess.run([sys.executable, "-m", "tests.engine.sharded_worker", str(folder), ",".join(RUNS),
+                           str(orbax_folder)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
@@ -68,6 +76,14 @@ def test_weights_and_cache_are_split_as_the_rules_say(sharded_runs):
     # replicated over tp 4 (fewer KV heads than shards).
     assert runs["2x1/standard"]["kv_heads_split"] and runs["2x1/standard"]["kv_cache_shard_shape"][1] == 1
     assert not runs["4x1/standard"]["kv_heads_split"] and runs["4x1/standard"]["kv_cache_shard_shape"][1] == 2
+
+
+def test_an_orbax_checkpoint_restores_onto_the_mesh(sharded_runs):
+    """Each parameter restored straight onto its shard: the same bits as the source placed there."""
+    from_source, restored = sharded_runs["runs"]["2x1/standard"], sharded_runs["runs"]["2x1/standard@orbax"]
+    assert restored["q_proj_shard_shape"] == [3, 64, 32]
+    assert restored["tokens"] == from_source["tokens"]
+    assert _largest_difference(from_source, restored) == 0.0
 
 
 def test_a_shape_that_cannot_be_split_is_refused_before_loading(sharded_runs):
