@@ -142,6 +142,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """The `balansis run-batch` handler: load the model, run the file, print a summary."""
     if not args.input_file.is_file():  # before the model loads
         raise ValueError(f"{args.input_file}: no such file")
+    from engine import distributed
+
+    if distributed.is_multi_process():
+        raise ValueError("run-batch runs in one process; across hosts, run `balansis serve` and send "
+                         "the requests to it")
     started = time.perf_counter()
     model, served_model_name = _load_model(args)
     summary = run_batch(model, input_path=args.input_file, output_path=args.output_file,

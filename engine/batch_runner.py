@@ -22,6 +22,7 @@ here and is donated to every call, so XLA updates it in place.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 from typing import Sequence as Seq
@@ -32,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from engine import distributed
 from engine.model_runner import bucket
 from engine.packing import Layout, pack, unpack
 from engine.sampler import SampleResult, SamplingRow, pack_sampling, sample_tokens
@@ -80,6 +82,9 @@ class BatchRunner:
                                 sharding=kv_sharding)
         self._step = _compiled_step(self.graphdef, self.mesh, jax.tree.map(lambda a: a.sharding, self.state),
                                     kv_sharding)
+        self._channel = distributed.CallChannel() if distributed.is_multi_process() else None
+        if self._channel is not None and self._channel.is_leader:
+            atexit.register(self.close)  # however process 0 ends, the others' `follow` returns
 
     # -- shapes ------------------------------------------------------------------
     def _pages_bucket(self, num_pages: int) -> int:
@@ -151,15 +156,34 @@ class BatchRunner:
         wants_logprobs = any(c.seq.params.logprobs is not None for c in chunks)
         wants_prompt_logprobs = not is_decode and any(
             c.seq.params.prompt_logprobs is not None for c in chunks)
-        buffer, layout = pack((token_ids, positions, tables, is_valid, arrays, next_ids))
-        logits_bv, hidden_bd, sampling, prompt, self.kv = self._step(
-            layout, wants_prompt_logprobs, precision, self.state, self.kv, buffer)
         # Static: a batch without logprobs skips the log-softmax.
-        num_top_logprobs = MAX_LOGPROBS if wants_logprobs else 0
-        sample = sample_tokens(logits_bv, sampling, num_top_logprobs=num_top_logprobs,
-                               with_logprobs=num_top_logprobs > 0, precision=precision,
-                               hidden_bd=hidden_bd, head=self._head, head_is_vd=self._head_is_vd)
+        call = _DeviceCall((token_ids, positions, tables, is_valid, arrays, next_ids), wants_prompt_logprobs,
+                           precision, MAX_LOGPROBS if wants_logprobs else 0)
+        if self._channel is not None:  # multi-host: every process makes the same call
+            self._channel.publish(call)
+        sample, prompt = self._device_call(call)
         return self._unpack(chunks, sample, prompt)
+
+    def _device_call(self, call: "_DeviceCall"):
+        """The compiled forward, then the compiled sampler: (SampleResult, prompt logprobs or None)."""
+        buffer, layout = pack(call.inputs)
+        logits_bv, hidden_bd, sampling, prompt, self.kv = self._step(
+            layout, call.with_prompt_logprobs, call.precision, self.state, self.kv, buffer)
+        sample = sample_tokens(logits_bv, sampling, num_top_logprobs=call.num_top_logprobs,
+                               with_logprobs=call.num_top_logprobs > 0, precision=call.precision,
+                               hidden_bd=hidden_bd, head=self._head, head_is_vd=self._head_is_vd)
+        return sample, prompt
+
+    # -- multi-host (engine.distributed) -----------------------------------------------
+    def follow(self) -> None:
+        """A process other than 0: make every call process 0 makes, until it stops."""
+        self._channel.follow(lambda call: jax.block_until_ready(self._device_call(call)))
+
+    def close(self) -> None:
+        """Process 0: let the other processes' `follow` return."""
+        if self._channel is not None and self._channel.is_leader:
+            self._channel.stop()
+            self._channel = None
 
     def _sampling_row(self, chunk: ScheduledChunk) -> SamplingRow:
         seq = chunk.seq
@@ -219,6 +243,17 @@ class BatchRunner:
                                                    head_is_vd=self._head_is_vd))
         jax.block_until_ready(self.kv)
         return len(shapes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DeviceCall:
+    """A step's host inputs (numpy, before packing) and static choices: all a process needs
+    to make the same compiled calls."""
+
+    inputs: tuple
+    with_prompt_logprobs: bool
+    precision: Precision
+    num_top_logprobs: int
 
 
 def _precision(chunk: ScheduledChunk) -> Precision:

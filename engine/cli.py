@@ -16,6 +16,8 @@ from engine.engine_args import add_engine_arguments
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import jax
+
     from checkpoints.loader import load_model
     from engine.engine_args import engine_config_from_args
     from engine.llm_engine import LLMEngine
@@ -32,6 +34,9 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tokenizer.encode(args.prompt)
     engine = LLMEngine(loaded, engine_config)
+    if jax.process_index() != 0:  # multi-host: process 0 generates, this one joins its calls
+        engine.runner.follow()
+        return 0
     engine.add_request("generate", prompt_ids, params)
     loaded_at = time.perf_counter()
 
@@ -149,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     # Never contact a model hub: every file is local.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from checkpoints.errors import CheckpointError
+    from engine import distributed
 
     try:
+        if hasattr(args, "num_processes"):  # the engine's subcommands: join a multi-host group first
+            distributed.initialize(distributed.process_group(args))
         return args.handler(args)
     except (CheckpointError, ValueError) as e:
         print(f"balansis: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import argparse
 import re
 
 from engine.compilation_cache import default_cache_dir
+from engine.distributed import add_distributed_arguments
 from engine.llm_engine import EngineConfig
 from model.numerics import Precision
 
@@ -65,6 +66,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="directory of JAX's persistent compilation cache (default: %(default)s)")
     group.add_argument("--no-compilation-cache", action="store_true",
                        help="do not keep compiled programs on disk")
+
+
+    add_distributed_arguments(parser)
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:

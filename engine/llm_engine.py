@@ -18,6 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from checkpoints.loader import LoadedModel
 from engine.batch_runner import BatchRunner
@@ -147,6 +148,10 @@ class LLMEngine:
             config.tensor_parallel_size if sharding.kv_heads_axis(cfg, self.mesh) else 1)
         bytes_per_block = 2 * cfg.num_layers * kv_heads_per_device * config.block_size * cfg.head_dim * dtype_size
         self.num_blocks = max(1, _kv_budget(config.kv_cache_memory, self.mesh) // bytes_per_block)
+        if jax.process_count() > 1:  # every process must build the very same cache: process 0's size
+            from jax.experimental import multihost_utils
+
+            self.num_blocks = int(multihost_utils.broadcast_one_to_all(np.int64(self.num_blocks)))
         # No more than every running sequence at full length needs.
         self.num_blocks = min(self.num_blocks,
                               config.max_num_seqs * -(-self.max_model_len // config.block_size))

@@ -72,7 +72,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest],
 async def embeddings(request: Request, data: JSONBody[EmbeddingsRequest],
                      server: NamedDependency[ServerState]) -> EmbeddingList:
     parsed = parse_embeddings_request(msgspec.to_builtins(data))
-    model = server.model(parsed.model)
+    model = server.model(parsed.model, embed=True)
     embedder = model.ready_embedder().embedder
     check_dimensions(parsed, embedder.dimensions)
     # Tokenising many inputs takes a while: off the event loop.

@@ -111,7 +111,7 @@ async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest
                            param="act_precision", code="unsupported_parameter")
     parsed = parse_embeddings_request({"input": data.input, "model": data.model,
                                        "truncate_prompt_tokens": -1 if data.truncate else None})
-    model = server.model(parsed.model)
+    model = server.model(parsed.model, embed=True)
     embedder = model.ready_embedder().embedder
     token_ids = await asyncio.to_thread(input_token_ids, parsed, embedder)
     vectors = await embed_inputs(request, server.metrics, model, token_ids, normalize=data.act_normalization)

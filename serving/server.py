@@ -23,6 +23,7 @@ import logging
 import os
 import time
 
+import jax
 import uvicorn
 
 from engine.engine_args import add_engine_arguments, engine_config_from_args
@@ -68,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    if jax.process_index() != 0:
+        return _follow(args)
     keys = args.api_key if args.api_key is not None else (
         [os.environ["BALANSIS_API_KEY"]] if os.environ.get("BALANSIS_API_KEY") else [])
     config = ServeConfig(api_keys=tuple(keys), max_queue=args.max_queue, drain_timeout=args.drain_timeout)
@@ -88,6 +91,19 @@ def serve_command(args: argparse.Namespace) -> int:
     server = _DrainingServer(uvicorn_config, state)
     server.run()
     return server.exit_code
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """A process other than 0 of a multi-host server: load the model onto the global mesh,
+    then make every compiled call process 0 makes (engine.distributed), until it stops."""
+    specs = model_specs(args)
+    if len(specs) != 1 or specs[0].is_encoder:
+        raise ValueError("a server across several processes serves one decoder model")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = specs[0].load()
+    logging.getLogger(__name__).info("process %d follows process 0", jax.process_index())
+    engine.runner.follow()
+    return 0
 
 
 def model_specs(args: argparse.Namespace) -> list[ModelSpec]:

@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Callable, Iterator, Sequence
 
+import jax
+
 from checkpoints.tokenizer import Tokenizer
 from engine.async_embedder import AsyncEmbedder
 from engine.async_engine import AsyncEngine
@@ -246,10 +248,12 @@ class ServerState:
     def stats(self) -> list[tuple[str, EngineStats]]:
         return [(m.name, s) for m in self.models.values() if (s := m.stats()) is not None]
 
-    def model(self, name: str | None, *, generate: bool = False) -> ServedModel:
+    def model(self, name: str | None, *, generate: bool = False, embed: bool = False) -> ServedModel:
         """The model a request names (None: the first that serves it), or a 404.
 
         `generate`: the request completes or chats, which encoders cannot.
+        `embed`: the request asks for embeddings, which a decoder served across
+        several processes cannot give (they would run on process 0 alone).
         """
         if self.is_draining:
             raise ApiError("the server is shutting down", status_code=503)
@@ -270,6 +274,10 @@ class ServerState:
                            status_code=404, code="model_not_found", param="model")
         if generate and not model.can_generate:
             raise ApiError(f"'{name}' is an embedding model; it serves /v1/embeddings only",
+                           status_code=404, code="model_not_supported", param="model")
+        if embed and model.can_generate and jax.process_count() > 1:
+            raise ApiError(f"'{model.name}' is served across {jax.process_count()} processes, which serves "
+                           f"completions and chat only, not embeddings",
                            status_code=404, code="model_not_supported", param="model")
         return model
 
