@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -40,6 +41,7 @@ def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
     tokenizer = Tokenizer.from_gguf(default_model_path())  # SmolLM2's, for the first 256 ids
     results = {"devices": len(jax.devices()), "runs": {}}
     for run in runs.split(","):
+        started = time.perf_counter()
         mesh_text, level = run.split("/")
         level, _, source = level.partition("@")  # "@orbax": restored from the converted checkpoint
         tp, dp = (int(n) for n in mesh_text.split("x"))
@@ -72,6 +74,7 @@ def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
             "q_proj_shard_shape": list(q_proj.sharding.shard_shape(q_proj.shape)),
             "kv_heads_split": sharding.kv_heads_axis(model.config, engine.mesh) is not None,
             "kv_cache_shard_shape": list(engine.runner.kv.k.sharding.shard_shape(engine.runner.kv.k.shape)),
+            "seconds": time.perf_counter() - started,
         }
     try:
         load_decoder(Path(folder), mesh=sharding.make_mesh(3, 1))
