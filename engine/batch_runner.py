@@ -273,7 +273,7 @@ def _step(graphdef, mesh: Mesh, layout: Layout, with_prompt_logprobs: bool, prec
     buffer), prompt logprobs when asked, the updated cache."""
     token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, sampling, next_ids_bt = unpack(buffer_n, layout)
     if token_ids_bt.shape[0] % mesh.shape[sharding.DATA] == 0:  # rows split over data-parallel replicas
-        rows = NamedSharding(mesh, PartitionSpec(sharding.DATA))
+        rows = NamedSharding(mesh, PartitionSpec(sharding.RULES["batch"]))
         token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, next_ids_bt = (
             jax.lax.with_sharding_constraint(a, rows)
             for a in (token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, next_ids_bt))

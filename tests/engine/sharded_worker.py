@@ -25,7 +25,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-PROMPTS = ([5, 17, 99, 3, 42, 42, 7], [200, 1, 2, 3], list(range(10, 40)), [250] * 9)
+# Each prompt plus its 6 new tokens fits one 16-token page: one prefill and one decode
+# program per mesh (the ULTRA ones compile slowly on CPU).
+PROMPTS = ([5, 17, 99, 3, 42, 42, 7], [200, 1, 2, 3], list(range(10, 19)), [250] * 9)
 
 
 def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:

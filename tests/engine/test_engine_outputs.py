@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine import batch_runner
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.model_runner import ModelRunner
@@ -80,7 +79,7 @@ def test_stop_string_split_across_tokens(llm, tiny_loaded):
 def test_nothing_compiles_after_warmup(tiny_loaded):
     engine = LLMEngine(tiny_loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32,
                                                  max_model_len=96, warmup=True))
-    compiled = batch_runner._compiled_step._cache_size()
+    compiled = engine.runner._step._cache_size()
     assert compiled >= len(engine.runner.bucket_shapes())
     compiled_samplers = sample_tokens._cache_size()
     tokenizer = tiny_loaded.tokenizer
@@ -93,5 +92,5 @@ def test_nothing_compiles_after_warmup(tiny_loaded):
         engine.add_request(f"r{i}", tokenizer.encode(prompt), p)
     while engine.has_unfinished_requests():
         engine.step()
-    assert batch_runner._compiled_step._cache_size() == compiled
+    assert engine.runner._step._cache_size() == compiled
     assert sample_tokens._cache_size() == compiled_samplers

@@ -68,7 +68,7 @@ def test_high_is_no_worse_than_plain_float32_at_bfloat16_weights(tmp_path):
 
 @pytest.mark.parametrize("precision", list(Precision))
 def test_a_row_gives_the_same_bits_in_any_batch(tiny, precision):
-    """A needle prompt alone, then at random rows of padded batches of 8 to 32 random prompts:
+    """A needle prompt alone, then at random rows of padded batches of 8 and 32 random prompts:
     bitwise the same logits under HIGH and ULTRA. STANDARD is the control: reported, not required."""
     _, model = load_decoder(tiny[0])
     logits = _logits_fn(model)
@@ -76,7 +76,7 @@ def test_a_row_gives_the_same_bits_in_any_batch(tiny, precision):
     needle = rng.integers(0, 256, 13).astype(np.int32)
     alone = logits(precision, needle[None], np.ones((1, 13), bool))[0]
     differences = []
-    for rows, tokens in ((8, 16), (16, 32), (32, 64)):
+    for rows, tokens in ((8, 16), (32, 64)):
         ids = rng.integers(0, 256, (rows, tokens)).astype(np.int32)
         valid = np.arange(tokens)[None, :] < rng.integers(1, tokens + 1, (rows, 1))
         row = int(rng.integers(rows))
