@@ -26,7 +26,6 @@ printed.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import tempfile
@@ -45,29 +44,6 @@ RANDOM_LLAMA_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_lay
 RANDOM_PROMPT_TOKENS = 40
 
 
-def logits_function(model):
-    """`(precision, ids [T]) -> logits [T, V]` at any level, one compiled program per level and length.
-
-    The weights are an argument of the jitted function: closed over, XLA
-    would constant-fold them for minutes.
-    """
-    import jax
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def logits(precision, state, ids, valid):
-        m = nnx.merge(graphdef, state)
-        return m.logits(m.hidden_states(ids, valid, precision=precision), precision=precision)
-
-    def run(precision, ids):
-        ids = np.asarray(ids, np.int32)[None]
-        return np.asarray(logits(precision, state, ids, np.ones_like(ids, bool)))[0]
-
-    return run
-
-
 def reference_logits(hf_model, ids) -> np.ndarray:
     """HF's logits `[T, V]` of one whole sequence in float64."""
     import torch
@@ -80,11 +56,13 @@ def logit_errors(model, hf_model_float64, prompts: list[tuple[str, list[int]]]) 
     """Per prompt: max |ours − float64| per level, and standard's error over each level's."""
     from model.numerics import Precision
 
+    from tests.forward import logits_function
+
     ours = logits_function(model)
     rows = []
     for label, ids in prompts:
         reference = reference_logits(hf_model_float64, ids)
-        errors = {p.value: float(np.abs(ours(p, ids) - reference).max()) for p in Precision}
+        errors = {p.value: float(np.abs(ours([ids], precision=p)[0] - reference).max()) for p in Precision}
         rows.append({"prompt": label, "tokens": len(ids), "max_abs_error": errors,
                      "standard_over_level": {level: errors["standard"] / e for level, e in errors.items()}})
     return rows

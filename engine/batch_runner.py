@@ -63,11 +63,11 @@ class StepOutput:
 class BatchRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_id: int | None, kv_dtype=jnp.float32, mesh: Mesh | None = None):
+                 eos_token_id: int | None, mesh: Mesh, kv_dtype=jnp.float32):
         self.config = model.config
-        # Weights and cache lie on the mesh (model.sharding); every step runs over all of it.
-        self.mesh = mesh if mesh is not None else sharding.make_mesh()
-        sharding.shard_model(model, self.mesh)
+        # The weights lie on the mesh already (model.sharding.shard_model); the cache goes there
+        # too, and every step runs over all of it.
+        self.mesh = mesh
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

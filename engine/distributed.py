@@ -30,7 +30,7 @@ import re
 import socket
 
 DEFAULT_COORDINATOR_PORT = 8476
-_POLL_MS = 60_000  # a worker waits this long for the next call before asking again
+POLL_MS = 5_000  # a follower waits this long for the next call, then asks again (an idle server)
 _STOP = "stop"
 
 
@@ -101,9 +101,8 @@ class CallChannel:
     _channels = itertools.count()  # one per runner, created in the same order everywhere
 
     def __init__(self):
-        from jax._src import distributed  # the runtime's key-value store client
-
         import jax
+        from jax._src import distributed  # the runtime's key-value store client
 
         self._client = distributed.global_state.client
         self._prefix = f"balansis/calls/{next(CallChannel._channels)}"
@@ -122,12 +121,14 @@ class CallChannel:
 
     def follow(self, run) -> None:
         """Any other process: run(call) for every call process 0 announces, until it stops."""
+        import jax
+
         while True:
             key = f"{self._prefix}/{self._count}"
             try:
-                data = self._client.blocking_key_value_get_bytes(key, _POLL_MS)
-            except Exception as e:  # the runtime's timeout; anything else ends the loop
-                if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
+                data = self._client.blocking_key_value_get_bytes(key, POLL_MS)
+            except jax.errors.JaxRuntimeError as e:  # the wait timed out: wait again; anything else ends it
+                if "DEADLINE_EXCEEDED" in str(e):
                     continue
                 raise
             self._count += 1

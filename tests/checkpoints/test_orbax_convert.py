@@ -4,7 +4,6 @@ existing destination and an interrupted conversion leave nothing that loads."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from checkpoints import orbax_dir
 from checkpoints.errors import CheckpointError
 from checkpoints.loader import load_model
 from engine.cli import main as balansis
+from tests.forward import logits_function
 from tests.hf_reference import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,15 +30,7 @@ IDS = [1, 7, 42, 9, 200, 3, 3, 17]
 
 
 def _logits(model) -> np.ndarray:
-    graphdef, state = nnx.split(model)
-
-    @functools.partial(jax.jit)
-    def forward(state, ids, valid):
-        m = nnx.merge(graphdef, state)
-        return m.logits(m.hidden_states(ids, valid))
-
-    ids = np.asarray([IDS], np.int32)
-    return np.asarray(forward(state, ids, np.ones_like(ids, bool)))[0]
+    return logits_function(model)([IDS])[0]
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
-from flax import nnx
 
 # Each prompt plus its 6 new tokens fits one 16-token page: one prefill and one decode
 # program per mesh (the ULTRA ones compile slowly on CPU).
@@ -39,6 +37,7 @@ def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
     from engine.sampling import SamplingParams
     from model import sharding
     from model.numerics import Precision
+    from tests.forward import logits_function
 
     tokenizer = Tokenizer.from_gguf(default_model_path())  # SmolLM2's, for the first 256 ids
     results = {"devices": len(jax.devices()), "runs": {}}
@@ -72,7 +71,7 @@ def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
                          for o in outputs],
             "prompt_logprobs": [[(lp.logprob, *(v for _, v in lp.top)) for lp in o.prompt_logprobs]
                                 for o in outputs],
-            "logits": _logits(model, PROMPTS[2], Precision(level)).tolist(),
+            "logits": logits_function(model)([PROMPTS[2]], precision=Precision(level))[0].tolist(),
             "q_proj_shard_shape": list(q_proj.sharding.shard_shape(q_proj.shape)),
             "kv_heads_split": sharding.kv_heads_axis(model.config, engine.mesh) is not None,
             "kv_cache_shard_shape": list(engine.runner.kv.k.sharding.shard_shape(engine.runner.kv.k.shape)),
@@ -84,18 +83,6 @@ def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
     except ValueError as e:
         results["unsplittable"] = str(e)
     return results
-
-
-def _logits(model, ids: list[int], precision) -> np.ndarray:
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, ids, valid):
-        m = nnx.merge(graphdef, state)
-        return m.logits(m.hidden_states(ids, valid, precision=precision), precision=precision)
-
-    ids = np.asarray([ids], np.int32)
-    return np.asarray(forward(state, ids, np.ones_like(ids, bool)))[0]
 
 
 if __name__ == "__main__":

@@ -7,40 +7,27 @@ The numerics issue's acceptance figures (SmolLM2, 3 prompts) come from
 
 from __future__ import annotations
 
-import functools
 
-import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from checkpoints.safetensors_dir import load_decoder
 from model.numerics import Precision
+from tests.forward import logits_function
 from tests.hf_reference import float64_reference, save_tiny_model
 
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2)
 
 
-def _logits_fn(model):
-    graphdef, state = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def logits(precision, state, ids, valid):
-        m = nnx.merge(graphdef, state)
-        return m.logits(m.hidden_states(ids, valid, precision=precision), precision=precision)
-
-    return lambda precision, ids, valid: np.asarray(logits(precision, state, ids, valid))
-
-
 def _errors(folder, hf_model) -> dict[Precision, float]:
     _, model = load_decoder(folder)
-    logits = _logits_fn(model)
+    logits = logits_function(model)
     ids = np.random.default_rng(0).integers(0, 256, (1, 40)).astype(np.int32)
     with torch.no_grad():
         reference = float64_reference(hf_model)(torch.tensor(ids)).logits[0].numpy()
-    return {p: float(np.abs(logits(p, ids, np.ones_like(ids, bool))[0] - reference).max()) for p in Precision}
+    return {p: float(np.abs(logits(ids, precision=p)[0] - reference).max()) for p in Precision}
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +58,10 @@ def test_a_row_gives_the_same_bits_in_any_batch(tiny, precision):
     """A needle prompt alone, then at random rows of padded batches of 8 and 32 random prompts:
     bitwise the same logits under HIGH and ULTRA. STANDARD is the control: reported, not required."""
     _, model = load_decoder(tiny[0])
-    logits = _logits_fn(model)
+    logits = logits_function(model)
     rng = np.random.default_rng(1)
     needle = rng.integers(0, 256, 13).astype(np.int32)
-    alone = logits(precision, needle[None], np.ones((1, 13), bool))[0]
+    alone = logits(needle[None], precision=precision)[0]
     differences = []
     for rows, tokens in ((8, 16), (32, 64)):
         ids = rng.integers(0, 256, (rows, tokens)).astype(np.int32)
@@ -82,7 +69,7 @@ def test_a_row_gives_the_same_bits_in_any_batch(tiny, precision):
         row = int(rng.integers(rows))
         ids[row], valid[row] = 0, False
         ids[row, :13], valid[row, :13] = needle, True
-        batched = logits(precision, ids, valid)[row, :13]
+        batched = logits(ids, valid, precision)[row, :13]
         differences.append(float(np.abs(batched - alone).max()))
         if precision is not Precision.STANDARD:
             assert batched.tobytes() == alone.tobytes(), (rows, tokens, differences)

@@ -2,7 +2,8 @@
 (JAX's distributed runtime, CPU collectives over gloo), one 8-device mesh of
 tensor-parallel 4 × data-parallel 2: process 0 serves HTTP and schedules,
 process 1 runs the same compiled steps. Through the official `openai` SDK,
-its completions equal one process's (greedy tokens; logprobs within 1e-5);
+its completions equal one process's (greedy tokens; logprobs within 1e-5),
+also after an idle spell longer than process 1's wait for the next call;
 when process 0 is stopped, process 1 exits too."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import openai
 import pytest
 
 from checkpoints.tokenizer import Tokenizer
+from engine import distributed
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig
 from engine.sampling import SamplingParams
@@ -76,6 +78,8 @@ def test_two_processes_serve_as_one(tiny_folder):
         else:
             pytest.fail("the 2-process server did not become ready:\n" + "".join(logs[0][-30:] + logs[1][-30:]))
 
+        # Idle for longer than a follower's wait: its waits time out and resume.
+        time.sleep(distributed.POLL_MS / 1000 + 1)
         api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         results: list = [None] * len(PROMPTS)
 
@@ -95,12 +99,14 @@ def test_two_processes_serve_as_one(tiny_folder):
         assert api.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices[0].text is not None
 
         processes[0].send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=120) for p in processes]
+        codes = [p.wait(timeout=300) for p in processes]
     finally:
         for p in processes:
             if p.poll() is None:
                 p.kill()
-    assert codes == [0, 0], "".join(logs[0][-30:] + logs[1][-30:])
+        for i, log in enumerate(logs):  # shown by pytest when the test fails
+            print(f"--- process {i} ---\n" + "".join(line for line in log if "[Gloo]" not in line)[-5000:])
+    assert codes == [0, 0]
 
     reference = _one_process(tiny_folder)
     tokenizer = Tokenizer.from_folder(tiny_folder)
