@@ -20,8 +20,6 @@ The same code runs on one device: a 1 × 1 mesh shards nothing.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -134,8 +132,3 @@ def shard_model(model, mesh: Mesh) -> None:
         if not value.sharding.is_equivalent_to(sharding, value.ndim):
             variable.set_value(jax.device_put(value, sharding))
 
-
-def bytes_per_device(array: jax.Array) -> int:
-    """What one device holds of `array` (its largest shard)."""
-    shard_shape = array.sharding.shard_shape(array.shape)
-    return math.prod(shard_shape) * array.dtype.itemsize

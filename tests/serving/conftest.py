@@ -32,6 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(url: str, processes, timeout: float = 300) -> bool:
+    """Poll `url`/ready until it answers 200 while every process runs; False if one exits
+    first or time runs out (for servers started as processes of their own)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
 class LiveServer:
     """uvicorn serving `create_app(state)` in a thread; `url` is the base URL."""
 

@@ -22,7 +22,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving.conftest import MODEL, free_port
+from tests.serving.conftest import MODEL, free_port, wait_until_ready
 
 
 def _metrics(url: str) -> dict[tuple[str, tuple], float]:
@@ -123,15 +123,7 @@ def test_sigterm_lets_running_streams_finish_then_exits_0(tiny_model_dir, minilm
          "--kv-cache-memory", "16MiB", "--no-access-log", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
+        if not wait_until_ready(url, [process]):
             pytest.fail(f"the server did not become ready: {process.communicate(timeout=10)[0]}")
 
         api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)

@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -26,7 +25,7 @@ from engine import distributed
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig
 from engine.sampling import SamplingParams
-from tests.serving.conftest import free_port
+from tests.serving.conftest import free_port, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
@@ -67,15 +66,7 @@ def test_two_processes_serve_as_one(tiny_folder):
         reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and all(p.poll() is None for p in processes):
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
+        if not wait_until_ready(url, processes):
             pytest.fail("the 2-process server did not become ready:\n" + "".join(logs[0][-30:] + logs[1][-30:]))
 
         # Idle for longer than a follower's wait: its waits time out and resume.
