@@ -28,25 +28,18 @@ SETTINGS = ((0.7, 0.9), (1.0, 0.9), (1.0, 0.95))  # (temperature, top_p)
 def _next_token_logits(num_prompts: int) -> np.ndarray:
     from engine.llm import LLM
     from engine.llm_engine import EngineConfig
-    from engine.model_runner import ModelRunner
     from engine.sampling import SamplingParams
-    from model.kv_cache import KVCache
+    from tests.forward import logits_function
 
     llm = LLM(config=EngineConfig(max_num_seqs=num_prompts))
     topics = ["the sea", "a cat", "Paris", "numbers", "rain", "a robot", "music", "winter"]
     prompts = [[{"role": "user", "content": f"Write a sentence about {topics[i % 8]}, variant {i // 8}."}]
                for i in range(num_prompts)]
     outputs = llm.chat(prompts, SamplingParams(temperature=0.7, top_p=0.9, max_tokens=16, seed=1))
-    runner = ModelRunner(llm.engine.loaded.model)
-    rows = []
-    for output in outputs:
-        ids = output.prompt_ids + output.outputs[0].token_ids
-        num_pages = -(-len(ids) // 16)
-        kv = KVCache.zeros(runner.config, num_pages=num_pages, page_size=16)
-        logits, _ = runner.forward(jnp.asarray([ids]), jnp.arange(len(ids))[None], kv,
-                                   jnp.arange(num_pages, dtype=jnp.int32)[None], jnp.ones((1, len(ids)), bool))
-        rows.append(np.asarray(logits[0], np.float32))
-    return np.stack(rows)
+    logits = logits_function(llm.engine.loaded.model)
+    # The distribution of the token after each prompt and its 16 sampled tokens.
+    return np.stack([logits([output.prompt_ids + output.outputs[0].token_ids])[0, -1].astype(np.float32)
+                     for output in outputs])
 
 
 def _time_ms(fn, repeats: int = 5) -> float:

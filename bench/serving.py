@@ -94,7 +94,7 @@ def _start_server(args) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = _free_port()
-    command = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--no-access-log",
+    command = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--no-access-log",
                "--log-level", "warning", "--max-num-seqs", str(max(args.concurrency))]
     if args.server_model:
         command += ["--model", args.server_model]

@@ -24,7 +24,8 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampling import SamplingParams
 
 

@@ -34,12 +34,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine import distributed
-from engine.model_runner import bucket
+from engine.buckets import bucket, powers_of_two
 from engine.packing import Layout, pack, unpack
 from engine.sampler import SampleResult, SamplingRow, pack_sampling, sample_tokens
 from engine.sampling import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
-from engine.sequence import TokenLogprobs
+from engine.outputs import TokenLogprobs
 from model import numerics, sharding
 from model.numerics import Precision
 from model.kv_cache import KVCache
@@ -63,7 +63,7 @@ class StepOutput:
 class BatchRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_id: int | None, mesh: Mesh, kv_dtype=jnp.float32):
+                 eos_token_id: int | None, mesh: Mesh, kv_dtype):
         self.config = model.config
         # The weights lie on the mesh already (model.sharding.shard_model); the cache goes there
         # too, and every step runs over all of it.
@@ -97,15 +97,15 @@ class BatchRunner:
         """Every (B, T, P) a call can be padded to; decode is T = 1."""
         pages = sorted({self._pages_bucket(p) for p in range(1, self.max_pages + 1)})
         max_rows = bucket(self.max_num_seqs)
-        decode = [(b, 1, p) for b in _powers_of_two(max_rows) for p in pages]
+        decode = [(b, 1, p) for b in powers_of_two(max_rows) for p in pages]
         prefill = []
-        for t in _powers_of_two(self._length_bucket(self.max_num_batched_tokens)):
+        for t in powers_of_two(self._length_bucket(self.max_num_batched_tokens)):
             if t < MIN_PREFILL_TOKENS:
                 continue
             # Chunks in this group are longer than t/2 (except the smallest group).
             shortest = 1 if t == MIN_PREFILL_TOKENS else t // 2 + 1
             max_count = min(self.max_num_seqs, self.max_num_batched_tokens // shortest)
-            prefill += [(b, t, p) for b in _powers_of_two(bucket(max_count)) for p in pages
+            prefill += [(b, t, p) for b in powers_of_two(bucket(max_count)) for p in pages
                         if p * self.block_size >= t]
         return decode + prefill
 
@@ -258,11 +258,6 @@ class _DeviceCall:
 
 def _precision(chunk: ScheduledChunk) -> Precision:
     return chunk.seq.params.precision or Precision.STANDARD
-
-
-def _powers_of_two(limit: int) -> list[int]:
-    """1, 2, 4, … up to `limit` (itself a power of two)."""
-    return [2 ** i for i in range(limit.bit_length())]
 
 
 def _step(graphdef, mesh: Mesh, layout: Layout, with_prompt_logprobs: bool, precision: Precision,

@@ -7,11 +7,8 @@ seen the whole input, which is why decoders pool the last token by default).
 
 Inputs are sorted by length and cut into batches of at most `max_batch_size`
 rows, each padded to a power-of-two number of rows and to a multiple of
-TOKEN_STEP tokens, so a bounded set of programs compiles (max_length /
-TOKEN_STEP token counts per row count). Multiples rather than powers of two:
-on 256 sentences of 5–120 tokens, power-of-two lengths padded so much that
-embedding took 4.8 s instead of 3.5 s. Padding rows and positions are
-masked out of attention and pooling.
+EMBED_TOKEN_STEP tokens (engine.buckets), so a bounded set of programs
+compiles. Padding rows and positions are masked out of attention and pooling.
 """
 
 from __future__ import annotations
@@ -23,15 +20,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from engine.model_runner import bucket
+from engine.buckets import bucket, embed_length_bucket
+from engine.outputs import ModelInfo, RejectedField, RequestRejected
 from model.pooling import PoolingConfig, PoolingMode, pool
 
 if TYPE_CHECKING:
     from checkpoints.encoder_dir import LoadedEncoder
     from checkpoints.loader import LoadedModel
     from checkpoints.tokenizer import Tokenizer
-
-TOKEN_STEP = 16  # token counts are padded to a multiple of this
 
 
 class Embedder:
@@ -48,6 +44,7 @@ class Embedder:
         self.dimensions = model.config.hidden_size
         self.vocab_size = model.config.vocab_size
         self._max_positions = model.config.max_position_embeddings
+        self.info = ModelInfo(tokenizer=tokenizer, vocab_size=self.vocab_size, max_model_len=max_length)
         self.graphdef, self.state = nnx.split(model)  # the state shares the model's arrays
 
     @classmethod
@@ -70,20 +67,21 @@ class Embedder:
     def encode(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
         """Token ids of each text (special tokens added); over-long texts are an error unless `truncate`."""
         ids = [self.tokenizer.encode(t, max_length=self.max_length if truncate else None) for t in texts]
-        for i, row in enumerate(ids):
-            if len(row) > self.max_length:
-                raise ValueError(f"input {i} has {len(row)} tokens; this model takes at most {self.max_length}")
+        self.check(ids)
         return ids
 
     def check(self, token_ids: Sequence[Sequence[int]]) -> None:
-        """A ValueError naming the first input that cannot be embedded."""
+        """Raise RequestRejected naming the first input that cannot be embedded: the one
+        contract of what the embedder accepts."""
         for i, row in enumerate(token_ids):
             if not row:
-                raise ValueError(f"input {i} is empty")
+                raise RequestRejected(f"input {i} is empty", field=RejectedField.PROMPT)
             if len(row) > self.max_length:
-                raise ValueError(f"input {i} has {len(row)} tokens; this model takes at most {self.max_length}")
+                raise RequestRejected(f"input {i} has {len(row)} tokens; this model takes at most "
+                                      f"{self.max_length}", field=RejectedField.PROMPT, is_context_length=True)
             if min(row) < 0 or max(row) >= self.vocab_size:
-                raise ValueError(f"input {i}: token ids must be in [0, {self.vocab_size})")
+                raise RequestRejected(f"input {i}: token ids must be in [0, {self.vocab_size})",
+                                      field=RejectedField.PROMPT)
 
     def embed(self, token_ids: Sequence[Sequence[int]], *, normalize: bool | None = None) -> np.ndarray:
         """One float32 vector `[N, D]` per input, pooled; L2-normalised when `normalize`
@@ -95,9 +93,7 @@ class Embedder:
         for start in range(0, len(order), self.max_batch_size):
             rows = order[start:start + self.max_batch_size]
             b = bucket(len(rows))
-            # The last bucket stops at the position table's size, a power of two or not.
-            longest = max(len(token_ids[i]) for i in rows)
-            t = min(-(-longest // TOKEN_STEP) * TOKEN_STEP, self._max_positions)
+            t = embed_length_bucket(max(len(token_ids[i]) for i in rows), maximum=self._max_positions)
             ids_bt = np.zeros((b, t), np.int32)
             valid_bt = np.zeros((b, t), bool)
             for r, i in enumerate(rows):

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from checkpoints.loader import LoadedModel, load_model
-from engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 
 Messages = Sequence[Mapping[str, str]]

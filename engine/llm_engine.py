@@ -24,14 +24,19 @@ from checkpoints.loader import LoadedModel
 from engine.batch_runner import BatchRunner
 from engine.block_manager import BlockManager
 from engine.compilation_cache import enable_compilation_cache
+from engine.outputs import (CompletionOutput, EngineStats, ModelInfo, RejectedField, RequestOutput,
+                            RequestRejected, Stability)
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import FinishReason, Sequence, TokenLogprobs
+from engine.sequence import FinishReason, Sequence
 from engine.text_output import TextOutput
 from model import sharding
+from model.kv_cache import KVCache
 from model.numerics import Precision
 
 _CPU_DEFAULT_KV_BYTES = 2 * 2**30  # CPUs report no memory limit to size a fraction of
+# The one place the KV cache's dtype is chosen: the pool is sized and allocated with it.
+KV_CACHE_DTYPE = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,54 +75,6 @@ class EngineConfig:
             raise ValueError(f"precision must be one of {[p.value for p in Precision]}, got {self.precision!r}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class EngineStats:
-    """A snapshot of the engine's load and counters, for metrics."""
-
-    num_running: int  # sequences holding KV blocks
-    num_waiting: int  # sequences queued for their prompt
-    kv_cache_usage: float  # fraction of KV blocks referenced by a sequence
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of which found there
-    num_prompt_tokens: int  # computed, over the engine's life
-    num_generation_tokens: int
-    num_preemptions: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Stability:
-    """How robust a choice's decisions were to rounding (see engine.sampler.decision_stability)."""
-
-    score: float  # the fraction of its tokens whose decision margin beat twice the rounding bound
-    first_fragile_token: int | None  # index of the first token that did not; None: none
-
-
-@dataclasses.dataclass(slots=True)
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None
-    finish_reason: str | None  # "stop", "length", "abort"; None while running
-    stop_reason: str | int | None
-    stability: Stability | None = None  # None before the first token
-
-
-@dataclasses.dataclass(slots=True)
-class RequestOutput:
-    """A request's state after a step: cumulative text and tokens of each choice."""
-
-    request_id: str
-    prompt_ids: list[int]
-    prompt_logprobs: list[TokenLogprobs] | None
-    outputs: list[CompletionOutput]
-    finished: bool
-    arrival_time: float
-    first_scheduled_time: float | None  # when its prompt first ran: the end of its queue time
-    first_token_time: float | None
-    num_cached_tokens: int
-
-
 @dataclasses.dataclass(slots=True)
 class _Request:
     request_id: str
@@ -140,13 +97,15 @@ class LLMEngine:
         self.config = config
         self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
         self.eos_token_id = self.tokenizer.eos_token_id
+        # What callers check requests against (serving reads these, never the config).
+        self.info = ModelInfo(tokenizer=self.tokenizer, vocab_size=cfg.vocab_size, max_model_len=self.max_model_len)
         self.mesh = config.mesh()
         sharding.shard_model(loaded.model, self.mesh)  # first: the KV budget is what the weights leave
-        dtype_size = jnp.dtype(jnp.float32).itemsize
         # The budget is per device; a device holds its share of the KV heads.
         kv_heads_per_device = cfg.num_kv_heads // (
             config.tensor_parallel_size if sharding.kv_heads_axis(cfg, self.mesh) else 1)
-        bytes_per_block = 2 * cfg.num_layers * kv_heads_per_device * config.block_size * cfg.head_dim * dtype_size
+        bytes_per_block = KVCache.bytes_per_page(cfg, page_size=config.block_size, dtype=KV_CACHE_DTYPE,
+                                                 num_kv_heads=kv_heads_per_device)
         self.num_blocks = max(1, _kv_budget(config.kv_cache_memory, self.mesh) // bytes_per_block)
         if jax.process_count() > 1:  # every process must build the very same cache: process 0's size
             from jax.experimental import multihost_utils
@@ -163,7 +122,7 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, eos_token_id=self.eos_token_id,
-                                  mesh=self.mesh)
+                                  mesh=self.mesh, kv_dtype=KV_CACHE_DTYPE)
         self._requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0  # computed, over the engine's life
         self.num_generation_tokens = 0
@@ -173,7 +132,7 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                     arrival_time: float | None = None) -> None:
-        """Queue a request. Raises ValueError for a prompt the engine cannot serve."""
+        """Queue a request. Raises RequestRejected (a ValueError) for one it cannot serve."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_ids, params)
@@ -190,25 +149,36 @@ class LLMEngine:
                                               seqs, seqs[1:], texts)
         self.scheduler.add(seqs[0])
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError unless the engine can serve this prompt with these params
-        (what `add_request` checks, for callers that must answer before queueing)."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if any(not 0 <= t < self.loaded.config.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.loaded.config.vocab_size})")
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, *,
+                      max_tokens_name: str = "max_tokens") -> None:
+        """Raise RequestRejected unless the engine can serve this prompt with these params
+        (what `add_request` checks, for callers that must answer before queueing).
+
+        The one contract of what the engine accepts: token ids in the
+        vocabulary, prompt plus max_tokens within max_model_len, the whole
+        request within the KV pool. `max_tokens_name` is what the caller calls
+        max_tokens, for the message.
+        """
         vocab_size = self.loaded.config.vocab_size
-        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias or ()]),
-                          ("stop_token_ids", params.stop_token_ids)):
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty", field=RejectedField.PROMPT)
+        if any(not 0 <= t < vocab_size for t in prompt_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab_size})", field=RejectedField.PROMPT)
+        for field, ids in ((RejectedField.LOGIT_BIAS, [t for t, _ in params.logit_bias or ()]),
+                           (RejectedField.STOP_TOKEN_IDS, params.stop_token_ids)):
             if any(not 0 <= t < vocab_size for t in ids):
-                raise ValueError(f"{name} token ids must be in [0, {vocab_size})")
+                raise RequestRejected(f"{field.value} token ids must be in [0, {vocab_size})", field=field)
+        context = f"this model's maximum context length is {self.max_model_len} tokens; the prompt has " \
+                  f"{len(prompt_ids)}"
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestRejected(context, field=RejectedField.PROMPT, is_context_length=True)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more")
+            raise RequestRejected(f"{context} and {max_tokens_name} asks for {params.max_tokens} more",
+                                  field=RejectedField.MAX_TOKENS, is_context_length=True)
         if -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size) > self.num_blocks:
-            raise ValueError(f"the request needs more KV cache than the whole pool "
-                             f"({self.num_blocks * self.config.block_size} tokens)")
+            raise RequestRejected(f"the request needs more KV cache than the whole pool "
+                                  f"({self.num_blocks * self.config.block_size} tokens)",
+                                  field=RejectedField.PROMPT)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its KV blocks are freed at once."""

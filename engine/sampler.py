@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.model_runner import bucket
+from engine.buckets import bucket
 from engine.sampling import NUM_SEEDS, SamplingParams, checked_integer
 from model import numerics
 

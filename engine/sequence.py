@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import itertools
 
+from engine.outputs import TokenLogprobs
 from engine.sampling import SamplingParams
 
 _seq_ids = itertools.count()
@@ -30,15 +31,6 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the maximum model length
     ABORT = "abort"  # cancelled by the caller
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    """Log-probabilities of one position under the raw model distribution."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 @dataclasses.dataclass(slots=True, eq=False)

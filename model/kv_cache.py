@@ -29,6 +29,13 @@ class KVCache(NamedTuple):
     def page_size(self) -> int:
         return self.k.shape[3]
 
+    @staticmethod
+    def bytes_per_page(cfg: DecoderConfig, *, page_size: int, dtype, num_kv_heads: int | None = None) -> int:
+        """Bytes one page takes in every layer, K and V, for `num_kv_heads` heads (default: all;
+        a device of a tensor-parallel mesh holds its share): what a memory budget is divided by."""
+        num_kv_heads = cfg.num_kv_heads if num_kv_heads is None else num_kv_heads
+        return 2 * cfg.num_layers * num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+
     @classmethod
     def zeros(cls, cfg: DecoderConfig, *, num_pages: int, page_size: int,
               dtype=jnp.float32, sharding: jax.sharding.Sharding | None = None) -> "KVCache":

@@ -1,1 +1,2 @@
-"""The OpenAI-compatible HTTP server (Litestar + msgspec); built by the serving issue."""
+"""The product's faces over the engine: the OpenAI-compatible HTTP server (Litestar + msgspec),
+the seed API, `balansis run-batch`, and the `balansis` command line (`serving.cli`)."""

@@ -20,7 +20,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from serving import ops_routes, openai_routes, seed_routes
-from serving.errors import EXCEPTION_HANDLERS, ApiError
+from serving.errors import EXCEPTION_HANDLERS, RequestError
 from serving.generation import ClientDisconnected
 from serving.state import ServerState
 
@@ -35,7 +35,7 @@ def create_app(server: ServerState) -> Litestar:
         if scheme.lower() != "bearer" or token.strip() not in keys:
             message = ("missing API key: send it as 'Authorization: Bearer KEY'" if not token.strip()
                        else "incorrect API key provided")
-            raise ApiError(message, status_code=401, code="invalid_api_key")
+            raise RequestError(message, status_code=401, code="invalid_api_key")
 
     api = Router(path="/", guards=[require_api_key], route_handlers=[
         openai_routes.list_models, openai_routes.retrieve_model, openai_routes.chat_completions,

@@ -1,44 +1,55 @@
 """Errors as OpenAI writes them: `{"error": {"message", "type", "param", "code"}}`.
 
 Every failure leaves through one of these handlers, so a client sees the
-same body shape whatever went wrong: our own checks (`RequestError`, from
-engine.openai_format, and `ApiError` here), Litestar's (a body msgspec
-cannot decode is a 400, never a 422; an oversized body a 413; an unknown
-route a 404), and anything unexpected (a 500 that keeps the server up).
+same body shape whatever went wrong: our own checks (`RequestError`), the
+engine's refusals (`RequestRejected`, mapped by `rejected`), the body
+decoder's (a body msgspec cannot decode is a 400, never a 422: `body_error`,
+shared with `balansis run-batch`, which decodes its lines' bodies with
+`decode_body`), Litestar's own (an oversized body a 413, an unknown route a
+404), and anything unexpected (a 500 that keeps the server up).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from typing import Any, TypeVar
 
+import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 
-from engine.openai_format import RequestError
+from engine.outputs import RejectedField, RequestRejected
 from serving.schemas import ErrorResponse
 
 log = logging.getLogger("balansis.serving")
+T = TypeVar("T")
 
 _TYPES = {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable"}
-_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
-          429: "rate_limit_exceeded", 503: "service_unavailable"}
+_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+          413: "request_too_large", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 # msgspec names the offending field like "... - at `$.messages[0].role`".
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]*)`")
 
 
-class ApiError(RequestError):
-    """A RequestError that may carry response headers (Retry-After on a 429)."""
+class RequestError(Exception):
+    """A request we cannot serve, as OpenAI reports it: a message, the parameter at fault, a
+    code, the status, and response headers (Retry-After on a 429)."""
 
-    def __init__(self, message: str, *, status_code: int, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message, param=param, code=code or _CODES.get(status_code, "error"),
-                         status_code=status_code)
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status_code: int = 400, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status_code = message, param, status_code
+        self.code = code or _CODES.get(status_code, "error")
         self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's error object; a response body is {"error": this}."""
+        return error_body(self.message, status_code=self.status_code, code=self.code, param=self.param)["error"]
 
 
 def error_body(message: str, *, status_code: int, code: str | None, param: str | None = None) -> dict:
@@ -49,10 +60,48 @@ def error_body(message: str, *, status_code: int, code: str | None, param: str |
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def rejected(error: RequestRejected, *, prompt_param: str, max_tokens_param: str = "max_tokens") -> RequestError:
+    """The 400 for a request the engine (or an embedder) refused, naming the caller's parameter."""
+    param = {RejectedField.PROMPT: prompt_param, RejectedField.MAX_TOKENS: max_tokens_param}.get(
+        error.field, error.field.value)
+    return RequestError(str(error), param=param,
+                        code="context_length_exceeded" if error.is_context_length else "invalid_value")
+
+
+def body_error(message: str, param: str | None = None) -> RequestError:
+    """The 400 for a body the msgspec decoder refused, worded as OpenAI words it.
+
+    `message` is msgspec's ("... - at `$.path`"); `param` the field the caller
+    knows to be at fault when the message names none.
+    """
+    match = _MSGSPEC_PATH.search(message)
+    if match is not None:
+        message, param = _MSGSPEC_PATH.sub("", message), match.group(1) or param
+    if param in ("", "data"):  # "data": Litestar's name for the whole body
+        param = None
+    unknown, missing = _UNKNOWN_FIELD.search(message), _MISSING_FIELD.search(message)
+    if unknown is not None:
+        field = f"{param}.{unknown.group(1)}" if param else unknown.group(1)
+        return RequestError(f"unrecognized request argument supplied: {field}", param=field,
+                            code="unknown_parameter")
+    if missing is not None:
+        field = f"{param}.{missing.group(1)}" if param else missing.group(1)
+        return RequestError(f"missing required parameter: {field}", param=field, code="missing_required_parameter")
+    return RequestError(message if param is None else f"{message} (at {param})", param=param)
+
+
+def decode_body(body: Any, body_type: type[T]) -> T:
+    """A JSON-decoded body as `body_type`, checked as the server checks bodies: msgspec's lax
+    mode (numeric strings become numbers, as Litestar and vLLM's pydantic allow)."""
+    try:
+        return msgspec.convert(body, body_type, strict=False, str_keys=True)
+    except msgspec.ValidationError as e:
+        raise body_error(str(e)) from None
+
+
 def error_response(error: RequestError) -> Response:
     body = error_body(error.message, status_code=error.status_code, code=error.code, param=error.param)
-    return Response(body, status_code=error.status_code, media_type=MediaType.JSON,
-                    headers=getattr(error, "headers", None))
+    return Response(body, status_code=error.status_code, media_type=MediaType.JSON, headers=error.headers)
 
 
 def _request_error(_: Request, exc: RequestError) -> Response:
@@ -61,27 +110,18 @@ def _request_error(_: Request, exc: RequestError) -> Response:
 
 def _http_exception(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
-    message, param, code = exc.detail, None, _CODES.get(status, "error")
     if isinstance(exc, ValidationException) or status in (400, 422):
-        status, code = 400, "invalid_value"
-        message, param = _validation_message(exc)
-        unknown, missing = _UNKNOWN_FIELD.search(message), _MISSING_FIELD.search(message)
-        if unknown is not None:  # worded as OpenAI words it
-            field = f"{param}.{unknown.group(1)}" if param else unknown.group(1)
-            message, param, code = f"unrecognized request argument supplied: {field}", field, "unknown_parameter"
-        elif missing is not None:
-            field = f"{param}.{missing.group(1)}" if param else missing.group(1)
-            message, param, code = f"missing required parameter: {field}", field, "missing_required_parameter"
-    elif status == 413:
+        return error_response(_validation_error(exc))
+    message = exc.detail
+    if status == 413:
         message = "the request body is too large"
     elif status == 404:
         message = f"no such route: {exc.detail}" if exc.detail and exc.detail != "Not Found" else "no such route"
-    return error_response(ApiError(message, status_code=status, code=code, param=param,
-                                   headers=exc.headers))
+    return error_response(RequestError(message, status_code=status, headers=exc.headers))
 
 
-def _validation_message(exc: HTTPException) -> tuple[str, str | None]:
-    """The decoder's message and the field it names, from Litestar's ValidationException.
+def _validation_error(exc: HTTPException) -> RequestError:
+    """The 400 for Litestar's ValidationException: the decoder's message and the field it names.
 
     Litestar decodes bodies in msgspec's lax mode (numeric strings become
     numbers), as pydantic does for vLLM; what still fails is reported here.
@@ -89,24 +129,19 @@ def _validation_message(exc: HTTPException) -> tuple[str, str | None]:
     items = [item for item in exc.extra if isinstance(item, dict)] if isinstance(exc.extra, list) else []
     message = items[0].get("message", "") if items else str(exc.detail)
     if "malformed" in message.lower() or "truncated" in message.lower():
-        return f"the request body is not valid JSON: {message}", None
+        return RequestError(f"the request body is not valid JSON: {message}")
     param = items[0].get("key") if items else None
     if items and message == repr(param):  # Litestar's KeyError: the parameter is absent
         if items[0].get("source") == "body":
-            return "the request body is empty; send a JSON object", None
-        return f"missing parameter: {param}", param
-    match = _MSGSPEC_PATH.search(message)
-    if match is not None:
-        message, param = _MSGSPEC_PATH.sub("", message), match.group(1) or param
-    if param in (None, "", "data"):
-        return message, None
-    return f"{message} (at {param})", param
+            return RequestError("the request body is empty; send a JSON object")
+        return RequestError(f"missing parameter: {param}", param=param)
+    return body_error(message, param)
 
 
 def _unexpected(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(ApiError(f"internal error: {type(exc).__name__}", status_code=500,
-                                   code="internal_error"))
+    return error_response(RequestError(f"internal error: {type(exc).__name__}", status_code=500,
+                                       code="internal_error"))
 
 
 # The error statuses API routes answer with, for the OpenAPI docs (Litestar

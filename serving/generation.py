@@ -4,6 +4,8 @@ A completions body with several prompts is several engine requests; their
 outputs are merged into one stream of `(prompt_index, RequestOutput)`.
 Leaving a stream early (the client went away, or the handler failed)
 cancels every request behind it, and `AsyncEngine` frees their KV blocks.
+A streamed response holds its request's admission (`AdmittedStream`) and
+gives it back when the response ends, however it ends.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 
 import numpy as np
 from litestar import Request
+from litestar.response import ServerSentEvent
 
 from engine.async_engine import AsyncEngine, EngineDeadError
-from engine.llm_engine import LLMEngine, RequestOutput
+from engine.outputs import RequestOutput, RequestRejected
 from engine.sampling import SamplingParams
-from serving.errors import ApiError
+from serving.errors import RequestError, rejected
 from serving.metrics import ServingMetrics
-from serving.state import ServedModel
+from serving.state import Admission, ServedModel
 
 T = TypeVar("T")
 
@@ -31,15 +34,39 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
                "X-Accel-Buffering": "no"}
 
 
-def check_engine_accepts(core: LLMEngine, prompts: Sequence[list[int]], params: Sequence[SamplingParams], *,
-                         param: str) -> None:
-    """A 400 now for what the engine would refuse once queued (say, a request
-    larger than the whole KV pool), instead of an error event inside a 200 stream."""
-    for ids, p in zip(prompts, params):
+class AdmittedStream(ServerSentEvent):
+    """Server-sent events that hold an admission until the response ends.
+
+    Released in a `finally` around the whole ASGI response, not in the
+    events' generator: a client that leaves before the first byte never
+    starts the generator, so its own `finally` would never run.
+    """
+
+    def __init__(self, events: AsyncIterator[str], *, admission: Admission):
+        super().__init__(events, headers=SSE_HEADERS)
+        self._admission = admission
+
+    def to_asgi_response(self, *args, **kwargs):
         try:
-            core.check_request(ids, p)
-        except ValueError as e:
-            raise ApiError(str(e), status_code=400, code="invalid_value", param=param) from None
+            response = super().to_asgi_response(*args, **kwargs)
+        except BaseException:
+            self._admission.release()
+            raise
+        return _Releasing(response, self._admission)
+
+
+class _Releasing:
+    """An ASGI response, then the admission's release."""
+
+    def __init__(self, response, admission: Admission):
+        self._response = response
+        self._admission = admission
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self._response(scope, receive, send)
+        finally:
+            self._admission.release()
 
 
 async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, model: str, request_id: str,
@@ -60,13 +87,13 @@ async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, model: str, req
                 yield output
     except EngineDeadError as e:
         outcome = "error"
-        raise ApiError(str(e), status_code=503) from None
-    except ValueError as e:  # the engine refused the request
+        raise RequestError(str(e), status_code=503) from None
+    except ValueError as e:  # the engine refused the request (checked before, so rarely here)
         outcome = "error"
-        raise ApiError(str(e), status_code=400) from None
+        raise RequestError(str(e), status_code=400) from None
     except RuntimeError as e:  # a failed engine step
         outcome = "error"
-        raise ApiError(str(e), status_code=500, code="engine_error") from None
+        raise RequestError(str(e), status_code=500, code="engine_error") from None
     finally:
         tracker.finish(last if outcome not in ("abort", "error") else None, outcome)
 
@@ -138,12 +165,12 @@ async def embed_inputs(request: Request, metrics: ServingMetrics, model: ServedM
             vectors = await unless_disconnected(request, embedder.embed(token_ids, normalize=normalize))
             outcome = "ok"
             return vectors
-        except ValueError as e:
+        except RequestRejected as e:
             outcome = "error"
-            raise ApiError(str(e), status_code=400, code="invalid_value", param="input") from None
+            raise rejected(e, prompt_param="input") from None
         except RuntimeError as e:  # the embedder stopped, or its batch failed
             outcome = "error"
-            raise ApiError(str(e), status_code=503) from None
+            raise RequestError(str(e), status_code=503) from None
         finally:
             metrics.count_embeddings(model.name, started=started, outcome=outcome, num_inputs=len(token_ids),
                                      num_tokens=sum(map(len, token_ids)))

@@ -5,15 +5,14 @@ from __future__ import annotations
 from importlib import metadata
 
 import jax
-import msgspec
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar import MediaType, Response, get, post
 
-from engine.openai_format import Endpoint, RequestError, parse_request, prompt_token_ids
-from serving.errors import ERROR_RESPONSES
-from serving.schemas import (DetokenizeRequest, DetokenizeResponse, StatusResponse, TokenizeRequest,
-                             TokenizeResponse, VersionResponse)
+from serving.errors import ERROR_RESPONSES, RequestError
+from serving.openai_requests import parse_chat, prompt_token_ids
+from serving.schemas import (ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse, StatusResponse,
+                             TokenizeRequest, TokenizeResponse, VersionResponse)
 from serving.state import ServerState
 
 
@@ -56,25 +55,24 @@ async def version() -> VersionResponse:
       status_code=200, responses=ERROR_RESPONSES)
 async def tokenize(data: JSONBody[TokenizeRequest], server: NamedDependency[ServerState]) -> TokenizeResponse:
     model = server.model(data.model)
-    tokenizer = model.tokenizer
+    info = model.info
     if (data.prompt is None) == (data.messages is None):
         raise RequestError("give exactly one of prompt and messages", param="prompt")
     if data.messages is not None:
-        body = {k: v for k, v in msgspec.to_builtins(data).items()
-                if k in ("messages", "add_generation_prompt", "continue_final_message")}
-        request = parse_request(Endpoint.CHAT, body)
-        ids = prompt_token_ids(request, tokenizer, vocab_size=model.vocab_size)[0]
+        request = parse_chat(ChatCompletionRequest(messages=data.messages,
+                                                   add_generation_prompt=data.add_generation_prompt,
+                                                   continue_final_message=data.continue_final_message))
+        ids = prompt_token_ids(request, info.tokenizer)[0]
     else:
         add_special = True if data.add_special_tokens is None else data.add_special_tokens
-        ids = tokenizer.encode(data.prompt, add_special_tokens=add_special)
-    return TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids)
+        ids = info.tokenizer.encode(data.prompt, add_special_tokens=add_special)
+    return TokenizeResponse(count=len(ids), max_model_len=info.max_model_len, tokens=ids)
 
 
 @post("/detokenize", summary="The text of token ids", status_code=200, responses=ERROR_RESPONSES)
 async def detokenize(data: JSONBody[DetokenizeRequest],
                      server: NamedDependency[ServerState]) -> DetokenizeResponse:
-    model = server.model(data.model)
-    vocab_size = model.vocab_size
-    if any(not 0 <= t < vocab_size for t in data.tokens):
-        raise RequestError(f"token ids must be in [0, {vocab_size})", param="tokens")
-    return DetokenizeResponse(prompt=model.tokenizer.decode(data.tokens, skip_special_tokens=False))
+    info = server.model(data.model).info
+    if any(not 0 <= t < info.vocab_size for t in data.tokens):
+        raise RequestError(f"token ids must be in [0, {info.vocab_size})", param="tokens")
+    return DetokenizeResponse(prompt=info.tokenizer.decode(data.tokens, skip_special_tokens=False))

@@ -2,13 +2,16 @@
 
 Request bodies forbid unknown fields (OpenAI answers an unknown argument
 with a 400, and so do we) and declare the OpenAI fields we do not implement
-(`tools`, `response_format`, …) so that `engine.openai_format` can refuse
+(`tools`, `response_format`, …) so that `serving.openai_requests` can refuse
 them by name instead of dropping them. Values are typed here; the rules
 that cross fields (max_tokens against the context, logprobs ranges, …)
-live in `engine.openai_format`, shared with `balansis run-batch`.
+live in `serving.openai_requests` (completions and chat) and
+`serving.openai_embeddings`. The server and `balansis run-batch` decode
+bodies into these same Structs (serving.errors.decode_body).
 
 Response Structs mirror OpenAI's objects field for field; `null` fields are
-written, as OpenAI writes them.
+written, as OpenAI writes them. Responses and stream chunks are built as
+these Structs and encoded once.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any, Literal
 import msgspec
 
 
-class _Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """A request body. omit_defaults: `to_builtins` keeps only the fields a client sent."""
+class _Body(msgspec.Struct, forbid_unknown_fields=True):
+    """A request body: unknown fields are a 400."""
 
 
 # -- requests: OpenAI -----------------------------------------------------------------
@@ -37,7 +40,7 @@ class ChatMessage(_Body):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    # Refused when set (engine.openai_format): no tool calling yet.
+    # Refused when set (serving.openai_requests): no tool calling yet.
     tool_calls: Any = None
     tool_call_id: Any = None
     function_call: Any = None
@@ -49,7 +52,7 @@ class StreamOptions(_Body):
     include_usage: bool | None = None
 
 
-class _SamplingFields(_Body):
+class SamplingFields(_Body):
     """Fields of both endpoints; the ones after `user` are vLLM's extras."""
 
     model: str | None = None
@@ -79,7 +82,7 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -87,7 +90,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     parallel_tool_calls: bool | None = None
-    # Refused unless they ask for nothing (engine.openai_format).
+    # Refused unless they ask for nothing (serving.openai_requests).
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -101,9 +104,9 @@ class ChatCompletionRequest(_SamplingFields):
     verbosity: str | None = None
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     # A string, a list of strings, a list of token ids or a list of them; msgspec
-    # takes one list type in a union, so engine.openai_format checks the items.
+    # takes one list type in a union, so serving.openai_requests checks the items.
     prompt: str | list[Any] | None = None
     logprobs: int | None = None
     echo: bool | None = None
@@ -112,7 +115,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class EmbeddingsRequest(_Body):
-    """OpenAI's embeddings request; `engine.openai_embeddings` checks `input`'s four forms."""
+    """OpenAI's embeddings request; `serving.openai_embeddings` checks `input`'s four forms."""
 
     input: str | list[str | int | list[int]]
     model: str | None = None

@@ -32,28 +32,25 @@ from litestar.params import JSONBody
 from litestar import Request, get, post
 from litestar.response import ServerSentEvent
 
-from engine.llm_engine import RequestOutput
-from engine.openai_embeddings import input_token_ids, parse_embeddings_request
-from engine.openai_format import Endpoint, parse_request, prompt_token_ids
+from engine.outputs import CompletionOutput, RequestOutput, RequestRejected
 from engine.sampling import SamplingParams
-from serving.errors import ERROR_RESPONSES, RequestError, error_body
-from serving.generation import (SSE_HEADERS, check_engine_accepts, embed_inputs, final_outputs,
-                                stream_requests, unless_disconnected)
-from serving.schemas import (AssistantMessage, SeedChatDelta, SeedChatRequest, SeedChatResponse,
-                             SeedEmbeddingsRequest, SeedEmbeddingsResponse, SeedGenerateRequest,
-                             SeedGenerateResponse, SeedModel, SeedModelList)
-from serving.state import PRECISION_LEVELS, Admission, ServedModel, ServerState
+from serving.errors import ERROR_RESPONSES, RequestError, error_body, rejected
+from serving.generation import AdmittedStream, embed_inputs, final_outputs, stream_requests, unless_disconnected
+from serving.openai_embeddings import input_token_ids, parse_embeddings_request
+from serving.openai_requests import parse_chat, prompt_token_ids
+from serving.schemas import (AssistantMessage, ChatCompletionRequest, EmbeddingsRequest, SeedChatDelta,
+                             SeedChatRequest, SeedChatResponse, SeedEmbeddingsRequest, SeedEmbeddingsResponse,
+                             SeedGenerateRequest, SeedGenerateResponse, SeedModel, SeedModelList)
+from serving.state import PRECISION_LEVELS, ServedModel, ServerState
 
 _DEFAULT_CHAT_MAX_LENGTH = 512
-# The content type is set here because Litestar prefers the handler's media type
-# (JSON, from the return annotation) to the one ServerSentEvent carries.
 
 
 @get("/models", summary="Seed API: the served models", responses=ERROR_RESPONSES)
 async def seed_models(server: NamedDependency[ServerState]) -> SeedModelList:
     return SeedModelList(models=[
         SeedModel(name=model.name, type="chat" if model.can_generate else "embedding",
-                  max_model_len=model.max_model_len, precision_levels=list(PRECISION_LEVELS))
+                  max_model_len=model.info.max_model_len, precision_levels=list(PRECISION_LEVELS))
         for model in server.models.values()])
 
 
@@ -62,12 +59,8 @@ async def seed_models(server: NamedDependency[ServerState]) -> SeedModelList:
 async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
                         server: NamedDependency[ServerState]) -> SeedGenerateResponse:
     model = server.model(None, generate=True)
-    core = model.engine_core
-    prompt_ids = await asyncio.to_thread(core.tokenizer.encode, data.prompt)  # off the event loop
-    if not prompt_ids:
-        raise RequestError("the prompt is empty", param="prompt")
-    params = _params(model, data, len(prompt_ids), data.max_length)
-    check_engine_accepts(core, [prompt_ids], [params], param="prompt")
+    prompt_ids = await asyncio.to_thread(model.info.tokenizer.encode, data.prompt)  # off the event loop
+    params = _params(model, data, prompt_ids, data.max_length, prompt_param="prompt")
     output = await _generate(request, server, model, prompt_ids, params)
     choice = output.outputs[0]
     return SeedGenerateResponse(generated_text=choice.text, tokens_generated=len(choice.token_ids),
@@ -80,24 +73,18 @@ async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
 async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
                     server: NamedDependency[ServerState]) -> SeedChatResponse | ServerSentEvent:
     model = server.model(data.model, generate=True)
-    core = model.engine_core
-    parsed = parse_request(Endpoint.CHAT, {"messages": msgspec.to_builtins(data.messages)})
-    prompt_ids = (await asyncio.to_thread(prompt_token_ids, parsed, core.tokenizer,
-                                          vocab_size=core.loaded.config.vocab_size))[0]
+    info = model.info
+    parsed = parse_chat(ChatCompletionRequest(messages=data.messages))
+    prompt_ids = (await asyncio.to_thread(prompt_token_ids, parsed, info.tokenizer))[0]
+    # Unset: what the context has room for, at most 512 (at least 1: a prompt that fills
+    # the context is the engine check's to refuse).
     max_length = data.max_length
     if max_length is None:
-        room = core.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise RequestError(f"this model's maximum context length is {core.max_model_len} tokens; the "
-                               f"messages take {len(prompt_ids)}", param="messages",
-                               code="context_length_exceeded")
-        max_length = min(_DEFAULT_CHAT_MAX_LENGTH, room)
-    params = _params(model, data, len(prompt_ids), max_length)
-    check_engine_accepts(core, [prompt_ids], [params], param="messages")
+        max_length = max(1, min(_DEFAULT_CHAT_MAX_LENGTH, info.max_model_len - len(prompt_ids)))
+    params = _params(model, data, prompt_ids, max_length, prompt_param="messages")
     if data.stream:
         admission = model.admit(1)  # now, not when the body starts: see ServedModel.admit
-        events = _chat_events(server, model, admission, prompt_ids, params)
-        return ServerSentEvent(events, headers=SSE_HEADERS)
+        return AdmittedStream(_chat_events(server, model, prompt_ids, params), admission=admission)
     return _chat_response(model, await _generate(request, server, model, prompt_ids, params))
 
 
@@ -109,8 +96,8 @@ async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest
     if data.act_precision not in (None, "standard"):
         raise RequestError("embeddings are computed at the standard precision level for now",
                            param="act_precision", code="unsupported_parameter")
-    parsed = parse_embeddings_request({"input": data.input, "model": data.model,
-                                       "truncate_prompt_tokens": -1 if data.truncate else None})
+    parsed = parse_embeddings_request(EmbeddingsRequest(
+        input=data.input, model=data.model, truncate_prompt_tokens=-1 if data.truncate else None))
     model = server.model(parsed.model, embed=True)
     embedder = model.ready_embedder().embedder
     token_ids = await asyncio.to_thread(input_token_ids, parsed, embedder)
@@ -120,20 +107,21 @@ async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest
                                   inference_time=round(time.time() - started, 6))
 
 
-def _params(model: ServedModel, data: SeedGenerateRequest | SeedChatRequest, num_prompt_tokens: int,
-            max_length: int) -> SamplingParams:
-    max_model_len = model.engine_core.max_model_len
-    if num_prompt_tokens + max_length > max_model_len:
-        raise RequestError(f"this model's maximum context length is {max_model_len} tokens; the prompt has "
-                           f"{num_prompt_tokens} and max_length asks for {max_length} more",
-                           param="max_length", code="context_length_exceeded")
+def _params(model: ServedModel, data: SeedGenerateRequest | SeedChatRequest, prompt_ids: list[int],
+            max_length: int, *, prompt_param: str) -> SamplingParams:
+    """The request's SamplingParams, checked by the engine (LLMEngine.check_request)."""
     try:
-        return SamplingParams(max_tokens=max_length, temperature=data.temperature, top_p=data.top_p,
-                              precision=data.act_precision)
+        params = SamplingParams(max_tokens=max_length, temperature=data.temperature, top_p=data.top_p,
+                                precision=data.act_precision)
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         param = {"max_tokens": "max_length", "precision": "act_precision"}.get(field, field)
         raise RequestError(str(e), param=param) from None
+    try:
+        model.engine_core.check_request(prompt_ids, params, max_tokens_name="max_length")
+    except RequestRejected as e:
+        raise rejected(e, prompt_param=prompt_param, max_tokens_param="max_length") from None
+    return params
 
 
 async def _generate(request: Request, server: ServerState, model: ServedModel, prompt_ids: list[int],
@@ -153,28 +141,26 @@ def _chat_response(model: ServedModel, output: RequestOutput) -> SeedChatRespons
                             act_stability_score=_score(choice), finish_reason=choice.finish_reason)
 
 
-def _score(choice) -> float | None:
-    """The seed API's act_stability_score: the choice's stability score (engine.llm_engine.Stability)."""
+def _score(choice: CompletionOutput) -> float | None:
+    """The seed API's act_stability_score: the choice's stability score (engine.outputs.Stability)."""
     return None if choice.stability is None else choice.stability.score
 
 
-async def _chat_events(server: ServerState, model: ServedModel, admission: Admission,
-                       prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
+async def _chat_events(server: ServerState, model: ServedModel, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[str]:
     sent = 0
     try:
-        with admission:
-            stream = stream_requests(model, server.metrics, f"seed-{uuid.uuid4().hex}",
-                                     [prompt_ids], [params])
-            try:
-                async for _, output in stream:
-                    text = output.outputs[0].text
-                    if len(text) > sent:
-                        yield msgspec.json.encode(SeedChatDelta(delta=text[sent:])).decode()
-                        sent = len(text)
-                    if output.finished:
-                        yield msgspec.json.encode(_chat_response(model, output)).decode()
-            finally:
-                await stream.aclose()
+        stream = stream_requests(model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params])
+        try:
+            async for _, output in stream:
+                text = output.outputs[0].text
+                if len(text) > sent:
+                    yield msgspec.json.encode(SeedChatDelta(delta=text[sent:])).decode()
+                    sent = len(text)
+                if output.finished:
+                    yield msgspec.json.encode(_chat_response(model, output)).decode()
+        finally:
+            await stream.aclose()
     except RequestError as e:
         yield msgspec.json.encode(error_body(e.message, status_code=e.status_code, code=e.code,
                                              param=e.param)).decode()

@@ -24,14 +24,14 @@ from typing import Callable, Iterator, Sequence
 
 import jax
 
-from checkpoints.tokenizer import Tokenizer
 from engine.async_embedder import AsyncEmbedder
 from engine.async_engine import AsyncEngine
 from engine.embedder import Embedder
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, ModelInfo
 from model.numerics import Precision
 from model.pooling import PoolingMode
-from serving.errors import ApiError
+from serving.errors import RequestError
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger("balansis.serving")
@@ -123,12 +123,12 @@ class ServedModel:
     def _check_loaded(self) -> None:
         """A 503 saying why requests cannot be served now."""
         if self._server.is_draining:
-            raise ApiError("the server is shutting down", status_code=503)
+            raise RequestError("the server is shutting down", status_code=503)
         if self.embedder is None:
             reason = "failed to load" if self.load_error else "is still loading"
-            raise ApiError(f"the model '{self.name}' {reason}", status_code=503)
+            raise RequestError(f"the model '{self.name}' {reason}", status_code=503)
         if self.engine is not None and not self.engine.is_running:
-            raise ApiError(f"the engine of '{self.name}' has stopped", status_code=503)
+            raise RequestError(f"the engine of '{self.name}' has stopped", status_code=503)
 
     def ready_engine(self) -> AsyncEngine:
         self._check_loaded()
@@ -137,6 +137,8 @@ class ServedModel:
 
     @property
     def engine_core(self) -> LLMEngine:
+        """The decoder's engine, for the request checks and prompt-dependent defaults
+        (LLMEngine.check_request, .info); requests go through `ready_engine`."""
         return self.ready_engine().engine
 
     def ready_embedder(self) -> AsyncEmbedder:
@@ -144,19 +146,11 @@ class ServedModel:
         return self.embedder
 
     @property
-    def tokenizer(self) -> Tokenizer:
-        return self.ready_embedder().embedder.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        """The longest sequence: prompt and output for a decoder, input for an encoder."""
+    def info(self) -> ModelInfo:
+        """Tokenizer, vocabulary size and maximum length (of a decoder's engine, or an encoder's input)."""
         if self.can_generate:
-            return self.engine_core.max_model_len
-        return self.ready_embedder().embedder.max_length
-
-    @property
-    def vocab_size(self) -> int:
-        return self.ready_embedder().embedder.vocab_size
+            return self.engine_core.info
+        return self.ready_embedder().embedder.info
 
     def _capacity(self) -> int:
         if self.can_generate:
@@ -168,18 +162,19 @@ class ServedModel:
         """A 429 (or a 400 for a request larger than the whole queue) unless `num_seqs` fit now."""
         limit = self._capacity()
         if num_seqs > limit:
-            raise ApiError(f"the request needs {num_seqs} sequences (n × prompts); this server admits "
-                           f"at most {limit}", status_code=400, code="invalid_value", param="n")
+            raise RequestError(f"the request needs {num_seqs} sequences (n × prompts); this server admits "
+                               f"at most {limit}", status_code=400, code="invalid_value", param="n")
         if self.num_in_flight_seqs + num_seqs > limit:
-            raise ApiError(f"the server is at capacity for '{self.name}' ({self.num_in_flight_seqs} "
-                           f"admitted, at most {limit}); retry later", status_code=429,
-                           headers={"Retry-After": "1"})
+            raise RequestError(f"the server is at capacity for '{self.name}' ({self.num_in_flight_seqs} "
+                               f"admitted, at most {limit}); retry later", status_code=429,
+                               headers={"Retry-After": "1"})
 
     def admit(self, num_seqs: int) -> "Admission":
         """Admit `num_seqs` sequences now, or raise a 429 when the queue is full.
 
         A stream admits in its handler, before the response starts, and hands
-        the Admission to its body, which releases it when it ends: checking in
+        the Admission to its response (serving.generation.AdmittedStream),
+        which releases it when the response ends, however it ends: checking in
         the handler and admitting in the body would let concurrent streams all
         pass the check, then fail inside a 200 response. An embedding request
         counts as one.
@@ -192,8 +187,11 @@ class ServedModel:
     @contextlib.contextmanager
     def admitted(self, num_seqs: int) -> Iterator[None]:
         """Hold `num_seqs` sequences of admission for the `with` body, or raise a 429."""
-        with self.admit(num_seqs):
+        admission = self.admit(num_seqs)
+        try:
             yield
+        finally:
+            admission.release()
 
     def _release(self, num_seqs: int) -> None:
         self.num_in_flight_seqs -= num_seqs
@@ -256,7 +254,7 @@ class ServerState:
         several processes cannot give (they would run on process 0 alone).
         """
         if self.is_draining:
-            raise ApiError("the server is shutting down", status_code=503)
+            raise RequestError("the server is shutting down", status_code=503)
         if name is None:
             models = list(self.models.values())
             if generate:
@@ -264,26 +262,26 @@ class ServerState:
             else:  # embeddings: an embedding model before a chat model
                 models.sort(key=lambda m: m.can_generate)
             if not models:
-                raise ApiError("this server has no model that generates text; it serves embeddings only",
-                               status_code=404, code="model_not_found", param="model")
+                raise RequestError("this server has no model that generates text; it serves embeddings only",
+                                   status_code=404, code="model_not_found", param="model")
             return models[0]
         model = self.models.get(name)
         if model is None:
             served = ", ".join(f"'{n}'" for n in self.models)
-            raise ApiError(f"the model '{name}' does not exist; this server serves {served}",
-                           status_code=404, code="model_not_found", param="model")
+            raise RequestError(f"the model '{name}' does not exist; this server serves {served}",
+                               status_code=404, code="model_not_found", param="model")
         if generate and not model.can_generate:
-            raise ApiError(f"'{name}' is an embedding model; it serves /v1/embeddings only",
-                           status_code=404, code="model_not_supported", param="model")
+            raise RequestError(f"'{name}' is an embedding model; it serves /v1/embeddings only",
+                               status_code=404, code="model_not_supported", param="model")
         if embed and model.can_generate and jax.process_count() > 1:
-            raise ApiError(f"'{model.name}' is served across {jax.process_count()} processes, which serves "
-                           f"completions and chat only, not embeddings",
-                           status_code=404, code="model_not_supported", param="model")
+            raise RequestError(f"'{model.name}' is served across {jax.process_count()} processes, which serves "
+                               f"completions and chat only, not embeddings",
+                               status_code=404, code="model_not_supported", param="model")
         return model
 
 
 class Admission:
-    """Sequences admitted for one request; released once, by `release` or by leaving `with`."""
+    """Sequences admitted for one request; `release` gives them back (once, however often called)."""
 
     def __init__(self, model: ServedModel, num_seqs: int):
         self._model = model
@@ -295,14 +293,3 @@ class Admission:
             return
         self._is_released = True
         self._model._release(self._num_seqs)
-
-    def __enter__(self) -> "Admission":
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.release()
-
-    def __del__(self):
-        # A stream whose body never started (the client left before the
-        # first byte) never runs its `with`; dropping it releases the seats.
-        self.release()

@@ -1,10 +1,11 @@
-"""Our decoder's logits for whole sequences (no KV cache), for comparisons in tests and benchmarks."""
+"""Our decoder's logits for tests and benchmarks: whole sequences without a KV cache, or over a paged one."""
 
 from __future__ import annotations
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,3 +31,37 @@ def logits_function(model):
         return np.asarray(logits(precision, state, ids, valid))
 
     return run
+
+
+class PagedForward:
+    """A decoder's forward over a paged KV cache, jitted, for tests that drive the cache by hand
+    (prefill then decode, page tables in any order). The engine's own runner is
+    engine.batch_runner.BatchRunner; this is the same model call without the scheduling.
+
+    Weights are jit arguments (`nnx.split`), and the cache is donated, as in the engine.
+    """
+
+    def __init__(self, model):
+        self.config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self._forward_last = jax.jit(
+            functools.partial(_paged_forward, self.graphdef, all_positions=False), donate_argnums=(3,))
+        self._forward_all = jax.jit(
+            functools.partial(_paged_forward, self.graphdef, all_positions=True), donate_argnums=(3,))
+
+    def forward(self, token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, *, all_positions: bool = False):
+        """Logits `[B, T, V]` (all_positions) or at each row's last valid token `[B, V]`, and the
+        updated cache. The passed `kv` is donated: use only the returned cache afterwards."""
+        fn = self._forward_all if all_positions else self._forward_last
+        return fn(self.state, token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt)
+
+
+def _paged_forward(graphdef, state, token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, *,
+                   all_positions: bool):
+    model = nnx.merge(graphdef, state)
+    hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt)
+    if all_positions:
+        return model.logits(hidden_btd), kv
+    last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)
+    hidden_bd = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0]
+    return model.logits(hidden_bd), kv

@@ -152,7 +152,7 @@ def test_head_count_that_does_not_divide_q_rows(tmp_path):
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checkpoints.gguf_file import load_decoder
-from engine.model_runner import ModelRunner
+from tests.forward import PagedForward
 from model.kv_cache import KVCache
 from tests.gguf_writer import Q, load_hf_from_gguf, tiny_llama, write_gguf, write_tiny_llama_gguf
 from tests.hf_reference import hf_logits
@@ -30,7 +30,7 @@ def _torch_threads():
 
 
 def _our_prefill_logits(model, prompt: list[int]) -> np.ndarray:
-    runner = ModelRunner(model)
+    runner = PagedForward(model)
     num_pages = -(-len(prompt) // PAGE_SIZE)
     kv = KVCache.zeros(runner.config, num_pages=num_pages + 2, page_size=PAGE_SIZE)
     # Pages out of order and offset, so the block table matters.

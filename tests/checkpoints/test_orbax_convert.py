@@ -21,7 +21,7 @@ from flax import nnx
 from checkpoints import orbax_dir
 from checkpoints.errors import CheckpointError
 from checkpoints.loader import load_model
-from engine.cli import main as balansis
+from serving.cli import main as balansis
 from tests.forward import logits_function
 from tests.hf_reference import save_tiny_model
 
@@ -82,7 +82,7 @@ def test_gguf_round_trip_of_the_default_model(smollm2_path, smollm2, tmp_path):
     # inspect: the same architecture and parameter count from either format.
     described = {}
     for path in (smollm2_path, destination):
-        done = subprocess.run([sys.executable, "-m", "engine.cli", "inspect", str(path), "--json"],
+        done = subprocess.run([sys.executable, "-m", "serving.cli", "inspect", str(path), "--json"],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         described[path] = json.loads(done.stdout)
@@ -125,7 +125,7 @@ def test_an_existing_destination_is_kept_unless_overwrite(tiny_folder, tmp_path,
 def test_an_interrupted_conversion_leaves_nothing_that_loads(smollm2_path, tmp_path):
     """SIGKILL as soon as the conversion starts writing (the default model: seconds of writing)."""
     destination = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "convert", str(smollm2_path), str(destination)],
+    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "convert", str(smollm2_path), str(destination)],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     partial = []

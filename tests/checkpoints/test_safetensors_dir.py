@@ -14,7 +14,7 @@ import torch
 from checkpoints.errors import CheckpointError
 from checkpoints.loader import load_model
 from checkpoints.safetensors_dir import load_decoder
-from engine.model_runner import ModelRunner
+from tests.forward import PagedForward
 from model.kv_cache import KVCache
 from tests.hf_reference import hf_logits, save_tiny_model
 
@@ -22,7 +22,7 @@ PROMPT = [3, 141, 59, 26, 53, 58, 97, 93]
 
 
 def _prefill_logits(model, ids):
-    runner = ModelRunner(model)
+    runner = PagedForward(model)
     kv = KVCache.zeros(runner.config, num_pages=2, page_size=8)
     logits, _ = runner.forward(jnp.asarray([ids]), jnp.arange(len(ids))[None], kv,
                                jnp.asarray([[0, 1]], jnp.int32), jnp.ones((1, len(ids)), bool),

@@ -11,7 +11,7 @@ import transformers
 
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig
-from engine.model_runner import ModelRunner
+from tests.forward import PagedForward
 from engine.sampling import SamplingParams
 from model.kv_cache import KVCache
 
@@ -35,7 +35,7 @@ def hf_model(smollm2_path):
 
 @pytest.fixture(scope="module")
 def runner(smollm2):
-    return ModelRunner(smollm2.model)
+    return PagedForward(smollm2.model)
 
 
 def test_config_read_from_gguf_metadata(smollm2):

@@ -10,7 +10,7 @@ import pytest
 
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig, LLMEngine
-from engine.model_runner import ModelRunner
+from tests.forward import PagedForward
 from engine.sampler import sample_tokens
 from engine.sampling import SamplingParams
 from model.kv_cache import KVCache
@@ -23,7 +23,7 @@ def llm(tiny_loaded):
 
 def _reference_logprobs(loaded, token_ids):
     """float64 log-softmax of a plain full forward's logits, [T, V]."""
-    runner = ModelRunner(loaded.model)
+    runner = PagedForward(loaded.model)
     n = len(token_ids)
     pages = -(-n // 16)
     logits, _ = runner.forward(jnp.asarray([token_ids]), jnp.arange(n)[None],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from checkpoints.safetensors_dir import load_decoder
-from engine.model_runner import ModelRunner
+from tests.forward import PagedForward
 from model.kv_cache import KVCache
 from tests.hf_reference import hf_logits, save_tiny_model
 
@@ -28,7 +28,7 @@ CASES = {
 }
 
 
-def _our_logits(runner: ModelRunner, prompt: list[int], continuation: list[int]):
+def _our_logits(runner: PagedForward, prompt: list[int], continuation: list[int]):
     """Prefill `prompt` (all positions' logits), then decode `continuation` one token at a time."""
     total = len(prompt) + len(continuation)
     num_pages = -(-total // PAGE_SIZE)
@@ -51,7 +51,7 @@ def test_prefill_and_decode_logits_match_hf(case, tmp_path):
     family, overrides = CASES[case]
     hf_model = save_tiny_model(family, tmp_path, **overrides)
     _, model = load_decoder(tmp_path)
-    runner = ModelRunner(model)
+    runner = PagedForward(model)
 
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, 256, size=11).tolist()
@@ -68,7 +68,7 @@ def test_padded_batch_matches_unpadded(tmp_path):
     """Two prompts of different lengths in one padded batch give each one's own logits."""
     hf_model = save_tiny_model("llama", tmp_path)
     _, model = load_decoder(tmp_path)
-    runner = ModelRunner(model)
+    runner = PagedForward(model)
     prompts = [[5, 17, 99, 3, 250, 41, 7], [12, 1, 64]]
     t = 8
     ids = np.zeros((2, t), np.int32)

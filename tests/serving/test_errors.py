@@ -357,12 +357,33 @@ def test_concurrent_streams_are_admitted_or_refused_before_they_start(single_ser
     assert_serves(single_server)
 
 
-def test_admission_dropped_unused_gives_its_seats_back(single_server):
+def test_stream_whose_client_left_before_its_first_byte_gives_its_seats_back(single_server):
+    """The admission a stream's handler took is released when its response ends, even
+    when the client left before the response started, so the events never ran."""
+    from litestar.testing import RequestFactory
+
+    from serving.generation import AdmittedStream
+
     state = single_server.state
-    admission = state.models[MODEL].admit(1)  # what a stream holds before its body starts
+    admission = state.models[MODEL].admit(1)  # what a stream's handler holds
+    started = []
+
+    async def events():
+        started.append(True)
+        yield "[DONE]"
+
+    async def gone(_message):  # the client hung up: the first send fails
+        raise OSError("the client left")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
     with sdk(single_server) as client, pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
-    del admission  # a body that never started: nothing runs its `with`
+    response = AdmittedStream(events(), admission=admission).to_asgi_response(None, RequestFactory().get("/"))
+    with pytest.raises(OSError):
+        asyncio.run(response({"type": "http"}, receive, gone))
+    assert not started
     assert (state.models[MODEL].num_in_flight_seqs, state.num_admitted_requests) == (0, 0)
     assert_serves(single_server)
 

@@ -117,7 +117,7 @@ def test_sigterm_lets_running_streams_finish_then_exits_0(tiny_model_dir, minilm
     url = f"http://127.0.0.1:{port}"
     # Two models, as an operator would serve a chat model and an embedding model.
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+        [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
          "--served-model-name", MODEL, "--model", str(minilm_folder), "--served-model-name", "minilm",
          "--no-warmup", "--max-num-seqs", "8", "--max-model-len", "512",
          "--kv-cache-memory", "16MiB", "--no-access-log", "--log-level", "warning"],

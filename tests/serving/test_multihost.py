@@ -55,7 +55,7 @@ def test_two_processes_serve_as_one(tiny_folder):
     port, coordinator = free_port(), free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--model", str(tiny_folder), "--served-model-name", "tiny",
+        [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_folder), "--served-model-name", "tiny",
          "--port", str(port), "-tp", "4", "-dp", "2", "--num-processes", "2", "--process-id", str(i),
          "--coordinator-address", f"127.0.0.1:{coordinator}", "--log-level", "warning", *FLAGS],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -51,24 +51,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import json
 import os
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
-if TYPE_CHECKING:  # the engine modules load JAX; they are imported where they are used
-    from checkpoints.loader import LoadedModel
-    from engine.embedder import Embedder
-    from engine.llm import LLM
-    from engine.llm_engine import RequestOutput
-    from engine.openai_embeddings import EmbeddingsRequest
-    from engine.openai_format import Endpoint, ParsedRequest
-    from model.pooling import PoolingMode
+import msgspec
+
+from checkpoints.encoder_dir import is_encoder_folder, load_encoder
+from checkpoints.loader import LoadedModel, model_name, model_name_for
+from engine import distributed
+from engine.embedder import Embedder
+from engine.engine_args import add_engine_arguments, engine_config_from_args
+from engine.llm import LLM
+from engine.outputs import RequestOutput, RequestRejected
+from model.pooling import PoolingMode
+from serving import openai_embeddings, openai_requests, schemas
+from serving.errors import RequestError, decode_body, error_body, rejected
+from serving.openai_embeddings import EmbeddingsRequest
+from serving.openai_requests import Endpoint, ParsedRequest
+from serving.openai_responses import TokenTexts, chat_completion, text_completion
 
 EMBEDDINGS_URL = "/v1/embeddings"  # not an engine Endpoint: embeddings never reach the engine
+_BODY_TYPES = {Endpoint.CHAT: schemas.ChatCompletionRequest, Endpoint.COMPLETIONS: schemas.CompletionRequest}
 EMBEDDING_POOLINGS = ("last", "mean")  # what a decoder's embeddings can pool
 
 
@@ -117,8 +124,6 @@ class _LineError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The run-batch flags, plus the engine's (engine_args: one to one onto EngineConfig)."""
-    from engine.engine_args import add_engine_arguments
-
     parser.add_argument("-i", "--input-file", type=Path, required=True,
                         help="OpenAI Batch API input: one JSON request a line")
     parser.add_argument("-o", "--output-file", type=Path, required=True,
@@ -142,8 +147,6 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """The `balansis run-batch` handler: load the model, run the file, print a summary."""
     if not args.input_file.is_file():  # before the model loads
         raise ValueError(f"{args.input_file}: no such file")
-    from engine import distributed
-
     if distributed.is_multi_process():
         raise ValueError("run-batch runs in one process; across hosts, run `balansis serve` and send "
                          "the requests to it")
@@ -159,12 +162,6 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
 def _load_model(args: argparse.Namespace) -> tuple[LLM | Embedder, str | None]:
     """An Embedder for an encoder folder, else an LLM; and the served name, if run_batch cannot know it."""
-    from checkpoints.encoder_dir import is_encoder_folder, load_encoder
-    from checkpoints.loader import model_name_for
-    from engine.embedder import Embedder
-    from engine.engine_args import engine_config_from_args
-    from engine.llm import LLM
-
     if args.model is None or not is_encoder_folder(Path(args.model)):
         return LLM(args.model, config=engine_config_from_args(args)), args.served_model_name
     if args.embedding_pooling is not None:
@@ -217,7 +214,7 @@ def run_batch(model: LLM | LoadedModel | Embedder, *, input_path: str | Path, ou
             lines: Iterator[tuple[int, bytes]] = enumerate(f, 1)
             is_exhausted = False
             while True:
-                written: list[str] = []
+                written: list[bytes] = []
                 while not is_exhausted and runner.num_in_flight < max_in_flight:
                     numbered = next(lines, None)
                     if numbered is None:
@@ -248,26 +245,17 @@ class _Runner:
 
     def __init__(self, llm: LLM | None, embedder: Embedder | None, *, served_model_name: str,
                  embedding_pooling: PoolingMode):
-        from engine import openai_embeddings, openai_format
-
-        self._fmt = openai_format
-        self._emb = openai_embeddings
         self._llm = llm
         self._embedder = embedder  # a decoder's is made on its first embeddings line
         self._embedding_pooling = embedding_pooling
         self._model = served_model_name
-        self._token_text = openai_format.TokenTexts(llm.tokenizer) if llm is not None else None
+        self._token_text = TokenTexts(llm.tokenizer) if llm is not None else None
         self.in_flight: dict[str, _Job] = {}  # by engine request id
         self.pending_embeddings: list[_EmbeddingJob] = []
 
     @classmethod
     def for_model(cls, model: LLM | LoadedModel | Embedder, *, served_model_name: str | None,
                   embedding_pooling: PoolingMode | str) -> _Runner:
-        from checkpoints.loader import model_name
-        from engine.embedder import Embedder
-        from engine.llm import LLM
-        from model.pooling import PoolingMode
-
         pooling = PoolingMode(embedding_pooling)
         if pooling.value not in EMBEDDING_POOLINGS:  # checked now, not at the first embeddings line
             raise ValueError(f"embedding_pooling must be one of {list(EMBEDDING_POOLINGS)}, got {pooling.value!r}")
@@ -289,7 +277,7 @@ class _Runner:
         return len(self.in_flight) + len(self.pending_embeddings)
 
     def admit(self, line_number: int, text: bytes, *, seen: set[str],
-              results: _ResultsFile) -> tuple[_Admission, str | None]:
+              results: _ResultsFile) -> tuple[_Admission, bytes | None]:
         """Submit the line to the engine or the next embed call, skip it, or reject it with an
         error line (returned)."""
         try:
@@ -307,11 +295,12 @@ class _Runner:
             if url == EMBEDDINGS_URL:
                 self._queue_embedding(custom_id, body)
             else:
-                self._submit(line_number, custom_id, self._fmt.Endpoint(url), body)
-        except self._fmt.RequestError as e:
+                self._submit(line_number, custom_id, Endpoint(url), body)
+        except RequestError as e:
             return _Admission.REJECTED, _line(
                 custom_id=custom_id,
-                response={"status_code": e.status_code, "request_id": _request_id(), "body": {"error": e.to_dict()}},
+                response={"status_code": e.status_code, "request_id": _request_id(),
+                          "body": error_body(e.message, status_code=e.status_code, code=e.code, param=e.param)},
                 error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
         return _Admission.SUBMITTED, None
 
@@ -330,7 +319,7 @@ class _Runner:
         if item.get("method") != "POST":
             raise _LineError("invalid_method", f"method must be POST, got {item.get('method')!r}",
                              custom_id=custom_id, param="method")
-        urls = [e.value for e in self._fmt.Endpoint] + [EMBEDDINGS_URL]
+        urls = [e.value for e in Endpoint] + [EMBEDDINGS_URL]
         if item.get("url") not in urls:
             raise _LineError("invalid_url", f"url must be one of {urls}, got {item.get('url')!r}",
                              custom_id=custom_id, param="url")
@@ -338,49 +327,44 @@ class _Runner:
 
     def _submit(self, line_number: int, custom_id: str, endpoint: Endpoint, body: Any) -> None:
         """Add a completions or chat line to the engine; a RequestError if it cannot run."""
-        fmt = self._fmt
         if self._llm is None:
             # The server's code for the same mistake.
-            raise fmt.RequestError(f"{self._model!r} is an embedding model; it serves {EMBEDDINGS_URL} only, "
-                                   f"not {endpoint.value}", code="model_not_supported")
+            raise RequestError(f"{self._model!r} is an embedding model; it serves {EMBEDDINGS_URL} only, "
+                               f"not {endpoint.value}", code="model_not_supported")
         engine = self._llm.engine
-        request = fmt.parse_request(endpoint, body)
+        decoded = decode_body(body, _BODY_TYPES[endpoint])
+        request = (openai_requests.parse_chat(decoded) if endpoint is Endpoint.CHAT
+                   else openai_requests.parse_completion(decoded))
         if request.stream:
-            raise fmt.RequestError("stream is not supported in a batch", param="stream",
-                                   code="unsupported_parameter")
+            raise RequestError("stream is not supported in a batch", param="stream", code="unsupported_parameter")
         if len(request.prompts) > 1:
-            raise fmt.RequestError("one prompt per batch line", param="prompt")
-        vocab_size = engine.loaded.config.vocab_size
-        (prompt_ids,) = fmt.prompt_token_ids(request, self._llm.tokenizer, vocab_size=vocab_size)
-        params = fmt.sampling_params(request, num_prompt_tokens=len(prompt_ids),
-                                     max_model_len=engine.max_model_len, vocab_size=vocab_size)
+            raise RequestError("one prompt per batch line", param="prompt")
+        (prompt_ids,) = openai_requests.prompt_token_ids(request, engine.info.tokenizer)
+        params = openai_requests.sampling_params(request, prompt_ids, engine)
         request_id = f"batch-line-{line_number}"
         try:
             engine.add_request(request_id, prompt_ids, params)
-        except ValueError as e:  # what only the engine knows: e.g. the KV pool is too small
-            raise fmt.RequestError(str(e)) from None
+        except RequestRejected as e:  # checked already; the engine's word is final
+            raise rejected(e, prompt_param=request.prompt_param, max_tokens_param=request.max_tokens_param) from None
         self.in_flight[request_id] = _Job(line_number, custom_id, request, int(time.time()))
 
     def _queue_embedding(self, custom_id: str, body: Any) -> None:
         """Check an embeddings line and keep its token ids for this pass's embed call."""
-        emb = self._emb
-        request = emb.parse_embeddings_request(body)
+        request = openai_embeddings.parse_embeddings_request(decode_body(body, schemas.EmbeddingsRequest))
         embedder = self._embedder_or_make()
-        emb.check_dimensions(request, embedder.dimensions)
-        token_ids = emb.input_token_ids(request, embedder)
+        openai_embeddings.check_dimensions(request, embedder.dimensions)
+        token_ids = openai_embeddings.input_token_ids(request, embedder)
         self.pending_embeddings.append(_EmbeddingJob(custom_id, request, token_ids))
 
     def _embedder_or_make(self) -> Embedder:
         if self._embedder is None:  # lazily: a file without embeddings lines never builds one
-            from engine.embedder import Embedder
-
             # Inputs as long as the engine's prompts (--max-model-len), as the server allows.
             engine = self._llm.engine
             self._embedder = Embedder.for_decoder(engine.loaded, pooling=self._embedding_pooling,
                                                   max_length=engine.max_model_len)
         return self._embedder
 
-    def embed_pending(self) -> list[str]:
+    def embed_pending(self) -> list[bytes]:
         """The result lines of every pending embeddings line, from one embed call."""
         jobs, self.pending_embeddings = self.pending_embeddings, []
         if not jobs:
@@ -389,14 +373,14 @@ class _Runner:
         lines, start = [], 0
         for job in jobs:
             stop = start + len(job.token_ids)
-            body = self._emb.embeddings_response(vectors[start:stop], request=job.request, model=self._model,
+            body = openai_embeddings.embeddings_response(vectors[start:stop], request=job.request, model=self._model,
                                                  num_prompt_tokens=sum(map(len, job.token_ids)))
             lines.append(_line(custom_id=job.custom_id, error=None,
                                response={"status_code": 200, "request_id": _request_id(), "body": body}))
             start = stop
         return lines
 
-    def step(self) -> list[str]:
+    def step(self) -> list[bytes]:
         """One engine step; the result lines of the requests it finished."""
         if not self.in_flight:
             return []
@@ -410,24 +394,23 @@ class _Runner:
         self.in_flight.clear()
         self.pending_embeddings.clear()
 
-    def _result_line(self, job: _Job, output: RequestOutput) -> str:
-        fmt = self._fmt
+    def _result_line(self, job: _Job, output: RequestOutput) -> bytes:
         common = dict(request=job.request, created=job.created, model=self._model, token_text=self._token_text)
-        if job.request.endpoint is fmt.Endpoint.CHAT:
-            body = fmt.chat_completion(output, response_id=f"chatcmpl-{uuid.uuid4().hex}", **common)
+        if job.request.endpoint is Endpoint.CHAT:
+            body = chat_completion(output, response_id=f"chatcmpl-{uuid.uuid4().hex}", **common)
         else:
             prompt = job.request.prompts[0]
             prompt_text = prompt if isinstance(prompt, str) else self._llm.tokenizer.decode(prompt)
-            body = fmt.text_completion([output], prompt_texts=[prompt_text],
-                                       response_id=f"cmpl-{uuid.uuid4().hex}", **common)
+            body = text_completion([output], prompt_texts=[prompt_text], response_id=f"cmpl-{uuid.uuid4().hex}",
+                                   **common)
         return _line(custom_id=job.custom_id, error=None,
                      response={"status_code": 200, "request_id": _request_id(), "body": body})
 
 
 def _request_line(text: bytes) -> dict[str, Any]:
     try:
-        item = json.loads(text)
-    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        item = msgspec.json.decode(text)
+    except msgspec.DecodeError as e:  # not JSON, or bytes that are not UTF-8
         raise _LineError("invalid_json", f"not valid JSON: {e}") from None
     if not isinstance(item, dict):
         raise _LineError("invalid_json", "a request line must be a JSON object")
@@ -438,10 +421,11 @@ def _request_line(text: bytes) -> dict[str, Any]:
     return item
 
 
-def _line(*, custom_id: str | None, response: dict | None, error: dict | None) -> str:
+def _line(*, custom_id: str | None, response: dict | None, error: dict | None) -> bytes:
+    """One result line; a response body is a Struct (serving.schemas) or an error object."""
     record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response,
               "error": error}
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    return msgspec.json.encode(record) + b"\n"
 
 
 def _request_id() -> str:
@@ -476,10 +460,10 @@ class _ResultsFile:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
+                record = msgspec.json.decode(raw)
                 if not isinstance(record, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (msgspec.DecodeError, ValueError):
                 if number == len(lines):  # the last line's write was torn
                     return keep - len(raw) - 1
                 raise ValueError(f"{self.path}: line {number} is not a result line; "
@@ -491,10 +475,10 @@ class _ResultsFile:
                 self.done_custom_ids.add(record["custom_id"])
         return keep
 
-    def append(self, lines: list[str]) -> None:
+    def append(self, lines: list[bytes]) -> None:
         if not lines:
             return
-        data = memoryview("".join(lines).encode("utf-8"))
+        data = memoryview(b"".join(lines))
         while data:  # one write() unless the kernel takes less
             data = data[os.write(self._fd, data):]
         os.fsync(self._fd)

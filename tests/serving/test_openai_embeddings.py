@@ -7,9 +7,17 @@ import base64
 import numpy as np
 import pytest
 
-from engine.openai_embeddings import (check_dimensions, embeddings_response, input_token_ids,
-                                      parse_embeddings_request)
-from engine.openai_format import RequestError
+import msgspec
+
+from serving import schemas
+from serving.errors import RequestError, decode_body
+from serving.openai_embeddings import check_dimensions, embeddings_response, input_token_ids
+from serving.openai_embeddings import parse_embeddings_request as _parse_struct
+
+
+def parse_embeddings_request(body):
+    """A JSON body decoded as the server and run-batch decode it, then checked."""
+    return _parse_struct(decode_body(body, schemas.EmbeddingsRequest))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +52,8 @@ def test_float_and_base64_responses_carry_the_same_vectors(embedder):
     for encoding in ("float", "base64"):
         request = parse_embeddings_request({"input": texts, "encoding_format": encoding})
         ids = input_token_ids(request, embedder)
-        body = embeddings_response(embedder.embed(ids), request=request, model="minilm",
-                                   num_prompt_tokens=sum(map(len, ids)))
+        body = msgspec.to_builtins(embeddings_response(embedder.embed(ids), request=request, model="minilm",
+                                                       num_prompt_tokens=sum(map(len, ids))))
         assert [d["index"] for d in body["data"]] == [0, 1]
         assert body["usage"] == {"prompt_tokens": sum(map(len, ids)), "total_tokens": sum(map(len, ids))}
         raw = [d["embedding"] for d in body["data"]]

@@ -19,15 +19,16 @@ import numpy as np
 import pytest
 
 from checkpoints.encoder_dir import load_encoder
-from engine import cli
-from engine.batch_jobs import add_arguments, run_batch, run_batch_command
 from engine.embedder import Embedder
 from engine.engine_args import engine_config_from_args
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig
-from engine.openai_format import Endpoint, RequestError, parse_request
 from engine.sampling import SamplingParams
 from model.pooling import PoolingMode
+from serving import cli, schemas
+from serving.batch_jobs import add_arguments, run_batch, run_batch_command
+from serving.errors import RequestError, decode_body
+from serving.openai_requests import parse_chat
 
 # One engine shape for every test here and for the CLI runs, so few programs compile.
 ENGINE = dict(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=128)
@@ -256,7 +257,7 @@ def test_a_corrupt_middle_line_stops_the_run(llm, tmp_path):
 def _cli_args(*argv) -> list[str]:
     return [sys.executable, "-c",
             "import argparse, sys\n"
-            "from engine.batch_jobs import add_arguments, run_batch_command\n"
+            "from serving.batch_jobs import add_arguments, run_batch_command\n"
             "parser = argparse.ArgumentParser(prog='balansis run-batch')\n"
             "add_arguments(parser)\n"
             "sys.exit(run_batch_command(parser.parse_args(sys.argv[1:])))\n", *argv]
@@ -338,15 +339,15 @@ def test_command_flags_map_onto_the_engine_config():
 ])
 def test_chat_body_errors(body, param, code):
     with pytest.raises(RequestError) as e:
-        parse_request(Endpoint.CHAT, body)
+        parse_chat(decode_body(body, schemas.ChatCompletionRequest))
     assert (e.value.param, e.value.code) == (param, code)
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted():
-    request = parse_request(Endpoint.CHAT, {
+    request = parse_chat(decode_body({
         "messages": [{"role": "user", "content": "x"}], "tools": None, "tool_choice": "none",
         "response_format": {"type": "text"}, "stream": False, "user": "u", "logit_bias": {"5": -100},
-        "top_k": -1, "max_completion_tokens": 7, "max_tokens": 3})
+        "top_k": -1, "max_completion_tokens": 7, "max_tokens": 3}, schemas.ChatCompletionRequest))
     assert request.sampling == {"logit_bias": {5: -100}}
     assert (request.max_tokens, request.max_tokens_param, request.num_logprobs) == (7, "max_completion_tokens", None)
 

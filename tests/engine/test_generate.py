@@ -17,7 +17,7 @@ MESSAGE = "Name three fruits."
 
 
 def _balansis(*args):
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True,
                           text=True, timeout=300)
 
 
