@@ -69,7 +69,7 @@ from engine.llm import LLM
 from engine.outputs import RequestOutput, RequestRejected
 from model.pooling import PoolingMode
 from serving import openai_embeddings, openai_requests, schemas
-from serving.errors import RequestError, decode_body, error_body, rejected
+from serving.errors import RequestError, decode_body, rejected
 from serving.openai_embeddings import EmbeddingsRequest
 from serving.openai_requests import Endpoint, ParsedRequest
 from serving.openai_responses import TokenTexts, chat_completion, text_completion
@@ -299,8 +299,7 @@ class _Runner:
         except RequestError as e:
             return _Admission.REJECTED, _line(
                 custom_id=custom_id,
-                response={"status_code": e.status_code, "request_id": _request_id(),
-                          "body": error_body(e.message, status_code=e.status_code, code=e.code, param=e.param)},
+                response={"status_code": e.status_code, "request_id": _request_id(), "body": e.body()},
                 error={"code": e.code, "message": e.message, "param": e.param, "line": line_number})
         return _Admission.SUBMITTED, None
 

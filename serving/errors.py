@@ -47,17 +47,13 @@ class RequestError(Exception):
         self.code = code or _CODES.get(status_code, "error")
         self.headers = headers or {}
 
-    def to_dict(self) -> dict[str, Any]:
-        """OpenAI's error object; a response body is {"error": this}."""
-        return error_body(self.message, status_code=self.status_code, code=self.code, param=self.param)["error"]
-
-
-def error_body(message: str, *, status_code: int, code: str | None, param: str | None = None) -> dict:
-    if status_code >= 500 and status_code != 503:
-        kind = "server_error"
-    else:
-        kind = _TYPES.get(status_code, "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error response body, {"error": {"message", "type", "param", "code"}}."""
+        if self.status_code >= 500 and self.status_code != 503:
+            kind = "server_error"
+        else:
+            kind = _TYPES.get(self.status_code, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 def rejected(error: RequestRejected, *, prompt_param: str, max_tokens_param: str = "max_tokens") -> RequestError:
@@ -100,8 +96,7 @@ def decode_body(body: Any, body_type: type[T]) -> T:
 
 
 def error_response(error: RequestError) -> Response:
-    body = error_body(error.message, status_code=error.status_code, code=error.code, param=error.param)
-    return Response(body, status_code=error.status_code, media_type=MediaType.JSON, headers=error.headers)
+    return Response(error.body(), status_code=error.status_code, media_type=MediaType.JSON, headers=error.headers)
 
 
 def _request_error(_: Request, exc: RequestError) -> Response:

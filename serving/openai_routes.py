@@ -23,7 +23,7 @@ from litestar.params import FromPath, JSONBody
 from litestar import Request, get, post
 from litestar.response import ServerSentEvent
 
-from serving.errors import ERROR_RESPONSES, RequestError, error_body
+from serving.errors import ERROR_RESPONSES, RequestError
 from serving.generation import AdmittedStream, embed_inputs, final_outputs, stream_requests, unless_disconnected
 from serving.openai_embeddings import (check_dimensions, embeddings_response, input_token_ids,
                                        parse_embeddings_request)
@@ -136,5 +136,5 @@ async def _events(server: ServerState, model: ServedModel, request: ParsedReques
         if request.include_usage:
             yield encode(writer.usage_chunk(finals)).decode()
     except RequestError as e:
-        yield encode(error_body(e.message, status_code=e.status_code, code=e.code, param=e.param)).decode()
+        yield encode(e.body()).decode()
     yield "[DONE]"

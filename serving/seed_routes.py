@@ -34,7 +34,7 @@ from litestar.response import ServerSentEvent
 
 from engine.outputs import CompletionOutput, RequestOutput, RequestRejected
 from engine.sampling import SamplingParams
-from serving.errors import ERROR_RESPONSES, RequestError, error_body, rejected
+from serving.errors import ERROR_RESPONSES, RequestError, rejected
 from serving.generation import AdmittedStream, embed_inputs, final_outputs, stream_requests, unless_disconnected
 from serving.openai_embeddings import input_token_ids, parse_embeddings_request
 from serving.openai_requests import parse_chat, prompt_token_ids
@@ -162,6 +162,5 @@ async def _chat_events(server: ServerState, model: ServedModel, prompt_ids: list
         finally:
             await stream.aclose()
     except RequestError as e:
-        yield msgspec.json.encode(error_body(e.message, status_code=e.status_code, code=e.code,
-                                             param=e.param)).decode()
+        yield msgspec.json.encode(e.body()).decode()
     yield "[DONE]"
