@@ -168,8 +168,8 @@ class LLMEngine:
                            (RejectedField.STOP_TOKEN_IDS, params.stop_token_ids)):
             if any(not 0 <= t < vocab_size for t in ids):
                 raise RequestRejected(f"{field.value} token ids must be in [0, {vocab_size})", field=field)
-        context = f"this model's maximum context length is {self.max_model_len} tokens; the prompt has " \
-                  f"{len(prompt_ids)}"
+        context = (f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                   f"{len(prompt_ids)}")
         if len(prompt_ids) >= self.max_model_len:
             raise RequestRejected(context, field=RejectedField.PROMPT, is_context_length=True)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:

@@ -8,6 +8,7 @@ import pytest
 
 from engine.llm import LLM
 from engine.llm_engine import EngineConfig, LLMEngine
+from engine.outputs import RejectedField, RequestRejected
 from engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -127,3 +128,22 @@ def test_prompt_too_long_is_refused(tiny_loaded):
     with pytest.raises(ValueError, match="maximum context length"):
         engine.add_request("x", list(range(60)), SamplingParams(max_tokens=10))
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("prompt, params, field, is_context_length", [
+    ([], SamplingParams(), RejectedField.PROMPT, False),
+    ([1, 10**9], SamplingParams(), RejectedField.PROMPT, False),
+    (list(range(64)), SamplingParams(max_tokens=1), RejectedField.PROMPT, True),  # fills the context alone
+    (list(range(60)), SamplingParams(max_tokens=10), RejectedField.MAX_TOKENS, True),
+    ([1, 2], SamplingParams(logit_bias={10**9: 1.0}), RejectedField.LOGIT_BIAS, False),
+    ([1, 2], SamplingParams(stop_token_ids=[10**9]), RejectedField.STOP_TOKEN_IDS, False),
+])
+def test_check_request_names_what_it_refuses(tiny_loaded, prompt, params, field, is_context_length):
+    """The one contract of what the engine accepts: callers map `field` onto their own parameter."""
+    engine = LLMEngine(tiny_loaded, EngineConfig(max_model_len=64, max_num_seqs=1, kv_cache_memory=2**20))
+    with pytest.raises(RequestRejected) as info:
+        engine.check_request(prompt, params, max_tokens_name="max_length")
+    assert (info.value.field, info.value.is_context_length) == (field, is_context_length)
+    if field is RejectedField.MAX_TOKENS:
+        assert "max_length asks for 10 more" in str(info.value)
+    engine.check_request([1, 2], SamplingParams(max_tokens=8))  # a request that fits passes

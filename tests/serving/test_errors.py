@@ -100,6 +100,8 @@ CHAT_400 = {
     "no messages": ({"messages": []}, "messages", "invalid_value"),
     "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
     "over the context": ({"max_tokens": 600}, "max_tokens", "context_length_exceeded"),
+    "max_completion_tokens over the context": ({"max_completion_tokens": 600}, "max_completion_tokens",
+                                               "context_length_exceeded"),
     "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
               "unsupported_parameter"),
     "response_format json_object": ({"response_format": {"type": "json_object"}}, "response_format",
