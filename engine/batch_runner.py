@@ -40,7 +40,8 @@ from engine.sampler import SampleResult, SamplingRow, pack_sampling, sample_toke
 from engine.sampling import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.outputs import TokenLogprobs
-from model import numerics, sharding
+from model import attention, numerics, sharding
+from model.attention import AttentionBackend
 from model.numerics import Precision
 from model.kv_cache import KVCache
 from model.llama import LlamaForCausalLM
@@ -63,7 +64,7 @@ class StepOutput:
 class BatchRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_id: int | None, mesh: Mesh, kv_dtype):
+                 eos_token_id: int | None, mesh: Mesh, kv_dtype, attention_backend: str = "auto"):
         self.config = model.config
         # The weights lie on the mesh already (model.sharding.shard_model); the cache goes there
         # too, and every step runs over all of it.
@@ -73,6 +74,10 @@ class BatchRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages = -(-max_model_len // block_size)
         self.eos_token_id = eos_token_id
+        # Which attention each precision level runs (model.attention.choose_backend), fixed here.
+        platform = mesh.devices.flat[0].platform
+        self.attention = {p: attention.choose_backend(attention_backend, precision=p, platform=platform,
+                                                      num_devices=mesh.devices.size) for p in Precision}
         self.graphdef, self.state = nnx.split(model)
         # The LM head's weights, for the sampler's stability check (the same arrays, no copy).
         self._head_is_vd = model.config.tie_word_embeddings
@@ -168,7 +173,8 @@ class BatchRunner:
         """The compiled forward, then the compiled sampler: (SampleResult, prompt logprobs or None)."""
         buffer, layout = pack(call.inputs)
         logits_bv, hidden_bd, sampling, prompt, self.kv = self._step(
-            layout, call.with_prompt_logprobs, call.precision, self.state, self.kv, buffer)
+            layout, call.with_prompt_logprobs, call.precision, self.attention[call.precision], self.state, self.kv,
+            buffer)
         sample = sample_tokens(logits_bv, sampling, num_top_logprobs=call.num_top_logprobs,
                                with_logprobs=call.num_top_logprobs > 0, precision=call.precision,
                                hidden_bd=hidden_bd, head=self._head, head_is_vd=self._head_is_vd)
@@ -235,7 +241,7 @@ class BatchRunner:
             buffer, layout = pack((zeros, zeros, np.zeros((b, p), np.int32), np.zeros((b, t), bool),
                                    arrays, zeros))
             logits_bv, hidden_bd, sampling, _, self.kv = self._step(
-                layout, False, precision, self.state, self.kv, buffer)
+                layout, False, precision, self.attention[precision], self.state, self.kv, buffer)
             if b not in sampled_batches:  # the sampler's shapes depend on B alone
                 sampled_batches.add(b)
                 jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0, with_logprobs=False,
@@ -261,7 +267,7 @@ def _precision(chunk: ScheduledChunk) -> Precision:
 
 
 def _step(graphdef, mesh: Mesh, layout: Layout, with_prompt_logprobs: bool, precision: Precision,
-          state, kv, buffer_n):
+          attention_backend: AttentionBackend, state, kv, buffer_n):
     """Forward over the paged cache: logits `[B, V]` at each row's last valid
     token and its hidden state (for the sampler's stability check), the
     sampling arrays (unpacked here, so they cross to the device in the one
@@ -273,7 +279,8 @@ def _step(graphdef, mesh: Mesh, layout: Layout, with_prompt_logprobs: bool, prec
             jax.lax.with_sharding_constraint(a, rows)
             for a in (token_ids_bt, positions_bt, block_tables_bp, is_valid_bt, next_ids_bt))
     model = nnx.merge(graphdef, state)
-    hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, precision=precision)
+    hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, precision=precision,
+                           attention_backend=attention_backend)
     last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)
     # Under ULTRA the hidden states are a double-word (hi, lo): pick from both.
     hidden_bd = jax.tree.map(lambda h: jnp.take_along_axis(h, last_b[:, None, None], axis=1)[:, 0], hidden_btd)
@@ -304,7 +311,7 @@ def _compiled_step(graphdef, mesh: Mesh, state_shardings, kv_sharding):
     if key not in _COMPILED_STEPS:
         everywhere = sharding.replicated(mesh)
         _COMPILED_STEPS[key] = jax.jit(
-            functools.partial(_step, graphdef, mesh), static_argnums=(0, 1, 2), donate_argnums=(4,),
+            functools.partial(_step, graphdef, mesh), static_argnums=(0, 1, 2, 3), donate_argnums=(5,),
             in_shardings=(state_shardings, kv_sharding, everywhere),
             out_shardings=(everywhere, everywhere, everywhere, everywhere, kv_sharding))
     return _COMPILED_STEPS[key]

@@ -12,7 +12,7 @@ import re
 
 from engine.compilation_cache import default_cache_dir
 from engine.distributed import add_distributed_arguments
-from engine.llm_engine import EngineConfig
+from engine.llm_engine import ATTENTION_BACKENDS, EngineConfig
 from model.numerics import Precision
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
@@ -53,6 +53,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="numerics level of requests that do not choose one: standard (plain float32 "
                             "here), high (compensated, batch-invariant) or ultra (also error-free matmuls "
                             "and double-word activations) (default: %(default)s)")
+    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults.attention_backend,
+                       help="attention kernels: auto (Pallas paged attention and cuDNN on a GPU at standard "
+                            "precision, the XLA gather path elsewhere), xla, or pallas (the kernels; in "
+                            "Pallas interpret mode off a GPU, slowly) (default: %(default)s)")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
                        help="devices each weight matrix is split over (default: %(default)s)")
     group.add_argument("--data-parallel-size", "-dp", type=int, default=defaults.data_parallel_size,
@@ -76,7 +80,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-        precision=args.precision,
+        precision=args.precision, attention_backend=args.attention_backend,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         warmup=args.warmup,
         compilation_cache_dir=None if args.no_compilation_cache else args.compilation_cache)

@@ -31,12 +31,14 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
 from engine.text_output import TextOutput
 from model import sharding
+from model.attention import AttentionBackend
 from model.kv_cache import KVCache
 from model.numerics import Precision
 
 _CPU_DEFAULT_KV_BYTES = 2 * 2**30  # CPUs report no memory limit to size a fraction of
 # The one place the KV cache's dtype is chosen: the pool is sized and allocated with it.
 KV_CACHE_DTYPE = jnp.float32
+ATTENTION_BACKENDS = ("auto",) + tuple(b.value for b in AttentionBackend)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,6 +58,9 @@ class EngineConfig:
     # The device mesh (model.sharding): tensor-parallel shards × data-parallel replicas.
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Attention (model.attention): auto (the kernels on a GPU at standard precision, the gather
+    # path elsewhere), xla (always the gather path) or pallas (the kernels; interpreted off a GPU).
+    attention_backend: str = "auto"
     warmup: bool = False  # compile every bucketed program at start (at `precision`)
     compilation_cache_dir: str | None = None  # JAX's persistent cache; None: off
 
@@ -73,6 +78,8 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size and data_parallel_size must be at least 1")
         if self.precision not in {p.value for p in Precision}:
             raise ValueError(f"precision must be one of {[p.value for p in Precision]}, got {self.precision!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
 
 @dataclasses.dataclass(slots=True)
@@ -122,7 +129,8 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, eos_token_id=self.eos_token_id,
-                                  mesh=self.mesh, kv_dtype=KV_CACHE_DTYPE)
+                                  mesh=self.mesh, kv_dtype=KV_CACHE_DTYPE,
+                                  attention_backend=config.attention_backend)
         self._requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0  # computed, over the engine's life
         self.num_generation_tokens = 0

@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import numerics
+from model import attention, numerics
+from model.attention import AttentionBackend
 from model.config import DecoderConfig
 from model.numerics import Precision
-from model.kv_cache import KVCache, read_layer, write_layer, write_slots
+from model.kv_cache import KVCache, write_layer, write_slots
 from model.rope import apply_rope, inverse_frequencies
 
 # Names of the stacked per-layer weights, in the order the scan body reads them.
@@ -140,7 +141,8 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, token_ids_bt: jax.Array, positions_bt: jax.Array, kv: KVCache,
                  block_tables_bp: jax.Array, is_valid_bt: jax.Array, *,
-                 precision: Precision = Precision.STANDARD) -> tuple[jax.Array, KVCache]:
+                 precision: Precision = Precision.STANDARD,
+                 attention_backend: AttentionBackend = AttentionBackend.XLA) -> tuple[jax.Array, KVCache]:
         """Run T new tokens of B sequences through every layer.
 
         token_ids_bt, positions_bt: [B, T] int32; positions are absolute.
@@ -151,6 +153,7 @@ class LlamaForCausalLM(nnx.Module):
         Returns the final-normed hidden states [B, T, D] (under ULTRA a
         double-word (hi, lo), which `logits` takes as it is) and the updated cache.
         All earlier positions of each sequence must already be in the cache.
+        attention_backend: the gather path (XLA) or the kernels (PALLAS, STANDARD only); see model.attention.
         """
         cfg = self.config
         x_btd = self._embed(token_ids_bt, precision)
@@ -172,8 +175,10 @@ class LlamaForCausalLM(nnx.Module):
             # through the cache, exactly as later steps will see them.
             k_cache = write_layer(k_cache, layer, k_btkh, page_bt, slot_bt)
             v_cache = write_layer(v_cache, layer, v_btkh, page_bt, slot_bt)
-            x = _add(x, self._attend(q_btnh, read_layer(k_cache, layer, block_tables_bp),
-                                     read_layer(v_cache, layer, block_tables_bp), is_visible_bts, w, precision))
+            out_btd = attention.paged(q_btnh, k_cache, v_cache, layer, block_tables_bp, positions_bt,
+                                      is_visible_bts, precision=precision, backend=attention_backend,
+                                      has_sliding_window=cfg.sliding_window is not None)
+            x = _add(x, self._project_attention(out_btd, w, precision))
             return (_add(x, self._mlp(x, w, precision)), k_cache, v_cache), None
 
         layer_ids = jnp.arange(cfg.num_layers)
@@ -205,8 +210,9 @@ class LlamaForCausalLM(nnx.Module):
         def layer_step(x, w):
             h_btd = rms_norm(x, w["input_norm"], cfg.rms_norm_eps, precision)
             q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h, precision)
-            x = _add(x, self._attend(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3),
-                                     is_visible_bts, w, precision))
+            out_btd = attention.gathered(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3),
+                                         is_visible_bts, precision=precision)
+            x = _add(x, self._project_attention(out_btd, w, precision))
             return _add(x, self._mlp(x, w, precision)), None
 
         x, _ = jax.lax.scan(layer_step, _residual(x_btd, precision), self.layers.weights())
@@ -227,41 +233,8 @@ class LlamaForCausalLM(nnx.Module):
         k_btkh = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions_bt, inv_freq_h)
         return q_btnh, k_btkh, v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
 
-    def _attend(self, q_btnh, keys_bksh, values_bksh, is_visible_bts, w, precision):
-        """Attention of the queries over S keys and values `[B, K, S, H]`, through o_proj: `[B, T, D]`."""
-        cfg = self.config
-        b, t = q_btnh.shape[:2]
-        # Grouped-query attention: the G query heads of each KV head, all T
-        # tokens, form one [G*T, H] block, so (B, K) lead every operand and the
-        # matmuls batch over them without copying keys or values.
-        g, kv_heads = cfg.num_queries_per_kv, cfg.num_kv_heads
-        q_bkqh = q_btnh.reshape(b, t, kv_heads, g, cfg.head_dim).transpose(0, 2, 3, 1, 4) \
-            .reshape(b, kv_heads, g * t, cfg.head_dim)
-        # Keys as the left operand: [S, H] @ [H, G*T] has a long M; at decode
-        # (G*T small) XLA:CPU ran q @ keys^T several times slower.
-        if precision is Precision.STANDARD:
-            scores_bksq = jnp.einsum("bksh,bkqh->bksq", keys_bksh.astype(jnp.float32),
-                                     q_bkqh.astype(jnp.float32))
-        else:
-            scores_bksq = numerics.batched_matmul(keys_bksh, jnp.swapaxes(q_bkqh, -1, -2), precision=precision)
-        scores_bksq = scores_bksq * cfg.head_dim ** -0.5
-        scores_bkgts = jnp.swapaxes(scores_bksq, -1, -2).reshape(b, kv_heads, g, t, -1)
-        probs_bkgts = numerics.softmax(scores_bkgts, axis=-1, where=is_visible_bts[:, None, None],
-                                       precision=precision)
-        probs_bkqs = probs_bkgts.reshape(b, kv_heads, g * t, -1)
-        if precision is Precision.STANDARD:
-            out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkqs, values_bksh.astype(jnp.float32))
-        else:
-            out_bkqh = numerics.exact_attention_values(probs_bkqs, values_bksh, precision=precision)
-            if precision is Precision.HIGH:
-                out_bkqh = out_bkqh[0]
-            # ULTRA: a double-word, on to o_proj
-
-        def heads_last(out_bkqh):
-            return out_bkqh.reshape(b, kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4) \
-                .reshape(b, t, cfg.num_heads * cfg.head_dim)
-
-        out_btd = jax.tree.map(heads_last, out_bkqh)
+    def _project_attention(self, out_btd, w, precision):
+        """Attention's output `[B, T, N·H]` (a double-word under ULTRA) through o_proj: `[B, T, D]`."""
         if precision is Precision.STANDARD:
             out_btd = out_btd.astype(w["o_proj"].dtype)
         return _project_out(out_btd, w["o_proj"], precision)

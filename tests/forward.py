@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.attention import AttentionBackend
 from model.numerics import Precision
 
 
@@ -41,13 +42,12 @@ class PagedForward:
     Weights are jit arguments (`nnx.split`), and the cache is donated, as in the engine.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, attention_backend: AttentionBackend = AttentionBackend.XLA):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
-        self._forward_last = jax.jit(
-            functools.partial(_paged_forward, self.graphdef, all_positions=False), donate_argnums=(3,))
-        self._forward_all = jax.jit(
-            functools.partial(_paged_forward, self.graphdef, all_positions=True), donate_argnums=(3,))
+        self._forward_last, self._forward_all = (jax.jit(
+            functools.partial(_paged_forward, self.graphdef, all_positions=every, attention_backend=attention_backend),
+            donate_argnums=(3,)) for every in (False, True))
 
     def forward(self, token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, *, all_positions: bool = False):
         """Logits `[B, T, V]` (all_positions) or at each row's last valid token `[B, V]`, and the
@@ -57,9 +57,10 @@ class PagedForward:
 
 
 def _paged_forward(graphdef, state, token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt, *,
-                   all_positions: bool):
+                   all_positions: bool, attention_backend: AttentionBackend):
     model = nnx.merge(graphdef, state)
-    hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt)
+    hidden_btd, kv = model(token_ids_bt, positions_bt, kv, block_tables_bp, is_valid_bt,
+                           attention_backend=attention_backend)
     if all_positions:
         return model.logits(hidden_btd), kv
     last_b = jnp.maximum(jnp.sum(is_valid_bt, axis=1) - 1, 0)

@@ -76,9 +76,10 @@ def test_stop_string_split_across_tokens(llm, tiny_loaded):
     assert kept.text == text[:boundary + 2]
 
 
-def test_nothing_compiles_after_warmup(tiny_loaded):
-    engine = LLMEngine(tiny_loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32,
-                                                 max_model_len=96, warmup=True))
+@pytest.mark.parametrize("attention_backend", ["xla", "pallas"])
+def test_nothing_compiles_after_warmup(tiny_loaded, attention_backend):
+    engine = LLMEngine(tiny_loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96,
+                                                 warmup=True, attention_backend=attention_backend))
     compiled = engine.runner._step._cache_size()
     assert compiled >= len(engine.runner.bucket_shapes())
     compiled_samplers = sample_tokens._cache_size()

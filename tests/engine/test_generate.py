@@ -34,6 +34,15 @@ def test_generate_chat_prints_the_greedy_completion(smollm2):
     assert summary.startswith(f"{len(tokens)} tokens in "), summary
 
 
+def test_generate_with_the_pallas_kernels_gives_the_gather_paths_tokens():
+    """`--attention-backend pallas` (interpret mode here): the prompt (34 tokens) through the fused dense
+    prefill, every later token through the paged decode kernel; the same greedy text as the gather path."""
+    args = ("generate", "--chat", MESSAGE, "--max-tokens", "24", "--max-model-len", "256")
+    gather, kernels = _balansis(*args, "--attention-backend", "xla"), _balansis(*args, "--attention-backend", "pallas")
+    assert gather.returncode == 0 and kernels.returncode == 0, gather.stderr + kernels.stderr
+    assert kernels.stdout == gather.stdout and gather.stdout.strip()
+
+
 def test_generate_seeded_sampling_is_reproducible():
     args = ("generate", "--prompt", "Once upon a time", "--max-tokens", "12",
             "--temperature", "0.9", "--top-p", "0.95", "--seed", "1234")

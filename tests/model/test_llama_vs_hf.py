@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from checkpoints.safetensors_dir import load_decoder
+from model.attention import AttentionBackend
 from tests.forward import PagedForward
 from model.kv_cache import KVCache
 from tests.hf_reference import hf_logits, save_tiny_model
@@ -46,12 +47,14 @@ def _our_logits(runner: PagedForward, prompt: list[int], continuation: list[int]
     return np.asarray(prefill[0]), np.stack(decoded)
 
 
+@pytest.mark.parametrize("backend", list(AttentionBackend), ids=lambda b: b.value)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_prefill_and_decode_logits_match_hf(case, tmp_path):
+def test_prefill_and_decode_logits_match_hf(case, backend, tmp_path):
+    """Both attention backends (the Pallas kernel in interpret mode here) against HF."""
     family, overrides = CASES[case]
     hf_model = save_tiny_model(family, tmp_path, **overrides)
     _, model = load_decoder(tmp_path)
-    runner = PagedForward(model)
+    runner = PagedForward(model, attention_backend=backend)
 
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, 256, size=11).tolist()
