@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from engine import memory
 from engine.compilation_cache import default_cache_dir
 from engine.distributed import add_distributed_arguments
 from engine.llm_engine import ATTENTION_BACKENDS, EngineConfig
@@ -47,8 +48,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, default=defaults.block_size,
                        help="tokens per KV cache page (default: %(default)s)")
     group.add_argument("--kv-cache-memory", type=parse_memory, default=None,
-                       help="KV cache size per device: bytes (4GiB, 512MiB) or a fraction of free device memory "
-                            "(0.8); default 0.9 of free memory, 2GiB on CPU")
+                       help="KV cache size per device: bytes (4GiB, 512MiB) or a fraction of the device memory "
+                            "the weights leave (0.8); default 0.9 of it, 2GiB on CPU")
+    group.add_argument("--dtype", choices=memory.DTYPES, default=defaults.dtype,
+                       help="of the weights and activations: auto (bfloat16 on a GPU, float32 elsewhere), "
+                            "float32 or bfloat16; norm statistics, RoPE, softmax and logits stay float32 "
+                            "(default: %(default)s)")
+    group.add_argument("--kv-cache-dtype", choices=memory.DTYPES, default=defaults.kv_cache_dtype,
+                       help="of the KV cache, which is sized from it: auto (bfloat16 on a GPU, float32 "
+                            "elsewhere), float32 or bfloat16 (default: %(default)s)")
     group.add_argument("--precision", choices=[p.value for p in Precision], default=defaults.precision,
                        help="numerics level of requests that do not choose one: standard (plain float32 "
                             "here), high (compensated, batch-invariant) or ultra (also error-free matmuls "
@@ -80,7 +88,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-        precision=args.precision, attention_backend=args.attention_backend,
+        precision=args.precision, attention_backend=args.attention_backend, dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         warmup=args.warmup,
         compilation_cache_dir=None if args.no_compilation_cache else args.compilation_cache)

@@ -43,7 +43,7 @@ def generate_command(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     started = time.perf_counter()
     engine_config = engine_config_from_args(args, max_num_seqs=1)
-    loaded = load_model(args.model, mesh=engine_config.mesh())
+    loaded = load_model(args.model, dtype=engine_config.weight_dtype(), mesh=engine_config.mesh())
     tokenizer = loaded.tokenizer
     if args.chat is not None:
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.chat}])

@@ -28,7 +28,9 @@ class LLM:
     def __init__(self, model: str | Path | LoadedModel | None = None, *,
                  config: EngineConfig = EngineConfig()):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, mesh=config.mesh())
+        if not isinstance(model, LoadedModel):
+            model = load_model(model, dtype=config.weight_dtype(), mesh=config.mesh())
+        loaded = model
         self.engine = LLMEngine(loaded, config)
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()

@@ -17,12 +17,13 @@ import random
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from checkpoints.loader import LoadedModel
 from engine.batch_runner import BatchRunner
 from engine.block_manager import BlockManager
+from engine import memory
 from engine.compilation_cache import enable_compilation_cache
 from engine.outputs import (CompletionOutput, EngineStats, ModelInfo, RejectedField, RequestOutput,
                             RequestRejected, Stability)
@@ -33,11 +34,9 @@ from engine.text_output import TextOutput
 from model import sharding
 from model.attention import AttentionBackend
 from model.kv_cache import KVCache
+from model.llama import LlamaForCausalLM
 from model.numerics import Precision
 
-_CPU_DEFAULT_KV_BYTES = 2 * 2**30  # CPUs report no memory limit to size a fraction of
-# The one place the KV cache's dtype is chosen: the pool is sized and allocated with it.
-KV_CACHE_DTYPE = jnp.float32
 ATTENTION_BACKENDS = ("auto",) + tuple(b.value for b in AttentionBackend)
 
 
@@ -49,9 +48,14 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget of one step
     block_size: int = 16
-    # KV cache size per device: bytes (int), a fraction of free device
-    # memory (float in (0, 1]), or None for 0.9 of free memory (2 GiB on CPU).
+    # KV cache size per device: bytes (int), a fraction of the device memory the
+    # weights leave (float in (0, 1]), or None for 0.9 of it (2 GiB on CPU).
     kv_cache_memory: int | float | None = None
+    # Of the weights and activations, and of the KV cache: auto (bfloat16 on a GPU,
+    # float32 elsewhere), float32 or bfloat16. Norm statistics, RoPE, softmax and
+    # logits are float32 whatever these are.
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     # The numerics level of requests that do not choose one (model.numerics.Precision's names).
     precision: str = "standard"
@@ -68,6 +72,14 @@ class EngineConfig:
         """The device mesh these sizes ask for (model.sharding.make_mesh)."""
         return sharding.make_mesh(self.tensor_parallel_size, self.data_parallel_size)
 
+    def weight_dtype(self):
+        """The weights' dtype on this machine's devices (what loaders load with)."""
+        return memory.resolve_dtype(self.dtype, jax.devices()[0].platform)
+
+    def cache_dtype(self):
+        """The KV cache's dtype on this machine's devices: the pool is sized and allocated with it."""
+        return memory.resolve_dtype(self.kv_cache_dtype, jax.devices()[0].platform)
+
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -78,6 +90,8 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size and data_parallel_size must be at least 1")
         if self.precision not in {p.value for p in Precision}:
             raise ValueError(f"precision must be one of {[p.value for p in Precision]}, got {self.precision!r}")
+        for name in (self.dtype, self.kv_cache_dtype):
+            memory.resolve_dtype(name, "cpu")  # validates
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
@@ -107,13 +121,16 @@ class LLMEngine:
         # What callers check requests against (serving reads these, never the config).
         self.info = ModelInfo(tokenizer=self.tokenizer, vocab_size=cfg.vocab_size, max_model_len=self.max_model_len)
         self.mesh = config.mesh()
-        sharding.shard_model(loaded.model, self.mesh)  # first: the KV budget is what the weights leave
+        model = _with_dtype(loaded.model, config.weight_dtype())
+        sharding.shard_model(model, self.mesh)  # first: the KV budget is what the weights leave
+        self.weight_bytes = memory.tree_bytes(nnx.state(model))
+        self.kv_dtype = config.cache_dtype()
         # The budget is per device; a device holds its share of the KV heads.
         kv_heads_per_device = cfg.num_kv_heads // (
             config.tensor_parallel_size if sharding.kv_heads_axis(cfg, self.mesh) else 1)
-        bytes_per_block = KVCache.bytes_per_page(cfg, page_size=config.block_size, dtype=KV_CACHE_DTYPE,
+        bytes_per_block = KVCache.bytes_per_page(cfg, page_size=config.block_size, dtype=self.kv_dtype,
                                                  num_kv_heads=kv_heads_per_device)
-        self.num_blocks = max(1, _kv_budget(config.kv_cache_memory, self.mesh) // bytes_per_block)
+        self.num_blocks = max(1, memory.kv_budget(config.kv_cache_memory, self.mesh) // bytes_per_block)
         if jax.process_count() > 1:  # every process must build the very same cache: process 0's size
             from jax.experimental import multihost_utils
 
@@ -125,12 +142,13 @@ class LLMEngine:
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.block_manager)
-        self.runner = BatchRunner(loaded.model, num_blocks=self.num_blocks, block_size=config.block_size,
+        self.runner = BatchRunner(model, num_blocks=self.num_blocks, block_size=config.block_size,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, eos_token_id=self.eos_token_id,
-                                  mesh=self.mesh, kv_dtype=KV_CACHE_DTYPE,
+                                  mesh=self.mesh, kv_dtype=self.kv_dtype,
                                   attention_backend=config.attention_backend)
+        self.kv_cache_bytes = memory.tree_bytes(self.runner.kv)
         self._requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0  # computed, over the engine's life
         self.num_generation_tokens = 0
@@ -203,7 +221,8 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=blocks.usage, prefix_cache_queries=blocks.prefix_cache_queries,
             prefix_cache_hits=blocks.prefix_cache_hits, num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens, num_preemptions=self.scheduler.num_preemptions)
+            num_generation_tokens=self.num_generation_tokens, num_preemptions=self.scheduler.num_preemptions,
+            num_kv_blocks=self.num_blocks, kv_cache_bytes=self.kv_cache_bytes, weight_bytes=self.weight_bytes)
 
     # -- one step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -306,13 +325,10 @@ def _stability(seq: Sequence) -> Stability | None:
     return Stability(score=seq.num_stable_tokens / len(seq.output_ids), first_fragile_token=seq.first_fragile_index)
 
 
-def _kv_budget(kv_cache_memory: int | float | None, mesh) -> int:
-    """Bytes of KV cache per device from the config value (see EngineConfig): a fraction
-    of the free memory of the mesh's fullest device."""
-    if isinstance(kv_cache_memory, int):
-        return kv_cache_memory
-    fraction = 0.9 if kv_cache_memory is None else kv_cache_memory
-    stats = [d.memory_stats() or {} for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    if not stats or any("bytes_limit" not in s for s in stats):
-        return int(_CPU_DEFAULT_KV_BYTES * (fraction / 0.9 if kv_cache_memory is not None else 1))
-    return int(fraction * min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats))
+def _with_dtype(model: LlamaForCausalLM, dtype) -> LlamaForCausalLM:
+    """`model` with every weight in `dtype`: itself when they already are (loaders load in the
+    engine's dtype), else a copy, so that a model shared with other engines is left as it is."""
+    graphdef, state = nnx.split(model)
+    if all(a.dtype == dtype for a in jax.tree.leaves(state)):
+        return model
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(dtype), state))

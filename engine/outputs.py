@@ -71,6 +71,9 @@ class EngineStats:
     num_prompt_tokens: int  # computed, over the engine's life
     num_generation_tokens: int
     num_preemptions: int
+    num_kv_blocks: int  # the KV pool's size, in blocks
+    kv_cache_bytes: int  # and in bytes (K and V, every layer, all devices)
+    weight_bytes: int  # the model's weights, all devices
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -253,8 +253,10 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden_xd: jax.Array, *, precision: Precision = Precision.STANDARD) -> jax.Array:
         """LM head over final-normed hidden states `[..., D]` → float32 logits `[..., V]`
-        (HIGH and ULTRA: computed in float32)."""
-        return numerics.matmul(hidden_xd, self.lm_head_weights(), precision=precision).astype(jnp.float32)
+        (STANDARD: accumulated in float32 whatever the weights' dtype; HIGH and ULTRA: exact products)."""
+        if precision is Precision.STANDARD:
+            return jnp.matmul(hidden_xd, self.lm_head_weights(), preferred_element_type=jnp.float32)
+        return numerics.matmul(hidden_xd, self.lm_head_weights(), precision=precision)
 
     def lm_head_weights(self) -> jax.Array:
         """`[D, V]`: the tied embedding's transpose, or the LM head."""

@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     # Never contact a model hub: every file is local.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from checkpoints.errors import CheckpointError
-    from engine import distributed
+    from engine import distributed, memory
+
+    memory.configure_preallocation()  # before any device is used
 
     try:
         if hasattr(args, "num_processes"):  # the engine's subcommands: join a multi-host group first

@@ -1,13 +1,15 @@
 """Prometheus metrics, all named `balansis:…`, on a registry per app.
 
-Two sources:
+Where the figures come from:
 - latencies, observed by the server as outputs reach the event loop (what
   a client waits for): time to first token, inter-token latency,
   end-to-end latency, queue time (arrival to the prompt's first step,
   stamped by the engine); and request outcomes by finish reason;
 - the engine's load and counters (running and waiting sequences, KV cache
-  usage, prefix cache queries and hits, prompt and generation tokens),
-  read at scrape time from the engine's latest `EngineStats` snapshot;
+  usage, prefix cache queries and hits, prompt and generation tokens) and
+  its memory (the KV pool's blocks and bytes, the weights' bytes), read at
+  scrape time from the engine's latest `EngineStats` snapshot; and the
+  devices' memory in use and limit, where they report it (GPUs);
 - embedding requests: latency, inputs and tokens.
 
 Every series carries the served model's name as `model_name`.
@@ -22,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from engine import memory
 from engine.outputs import EngineStats, RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -63,7 +66,7 @@ class ServingMetrics:
         self.embedding_requests = Counter(
             "balansis:embedding_requests", "Finished embeddings requests by outcome (ok, abort: the client "
             "left, error).", labels + ("outcome",), registry=self.registry)
-        self.registry.register(_EngineCollector(stats))
+        self.registry.register(_EngineCollector(stats, memory.device_memory))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -126,8 +129,10 @@ class RequestTracker:
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], list[tuple[str, EngineStats]]]):
+    def __init__(self, stats: Callable[[], list[tuple[str, EngineStats]]],
+                 device_memory: Callable[[], list[tuple[str, int, int]]]):
         self._stats = stats
+        self._device_memory = device_memory
 
     def collect(self):
         snapshots = self._stats()  # models still loading have nothing to report yet
@@ -155,3 +160,20 @@ class _EngineCollector(Collector):
                      "num_generation_tokens")
         yield family(CounterMetricFamily, "balansis:num_preemptions", "Sequences preempted for KV cache space.",
                      "num_preemptions")
+        yield family(GaugeMetricFamily, "balansis:kv_cache_blocks_total", "Blocks in the KV cache pool.",
+                     "num_kv_blocks")
+        yield family(GaugeMetricFamily, "balansis:kv_cache_memory_bytes",
+                     "Bytes of the KV cache pool (K and V, every layer, all devices).", "kv_cache_bytes")
+        yield family(GaugeMetricFamily, "balansis:model_memory_bytes", "Bytes of the model's weights (all devices).",
+                     "weight_bytes")
+        devices = self._device_memory()
+        if devices:  # GPUs report their memory; CPUs do not
+            used = GaugeMetricFamily("balansis:device_memory_used_bytes", "Device memory allocated by this process.",
+                                     labels=["device"])
+            limit = GaugeMetricFamily("balansis:device_memory_limit_bytes",
+                                      "Device memory this process may allocate (JAX's pool).", labels=["device"])
+            for device, in_use, bytes_limit in devices:
+                used.add_metric([device], in_use)
+                limit.add_metric([device], bytes_limit)
+            yield used
+            yield limit

@@ -143,7 +143,8 @@ def _decoder_loader(path, engine_config):
         from checkpoints.loader import load_model
         from engine.llm_engine import LLMEngine
 
-        return LLMEngine(load_model(path, mesh=engine_config.mesh()), engine_config)
+        loaded = load_model(path, dtype=engine_config.weight_dtype(), mesh=engine_config.mesh())
+        return LLMEngine(loaded, engine_config)
 
     return load
 

@@ -3,6 +3,7 @@ and the seed API (/api/v1/generate, /api/v1/chat, /models), on the shared live s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -12,15 +13,17 @@ import httpx
 import jax
 import openai
 import pytest
+from flax import nnx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving.conftest import MODEL
+from tests.serving.conftest import ENGINE_CONFIG, MODEL, start_server
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a river."}]
 PREFIX = "balansis:"
 HISTOGRAMS = ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds", "stability_score")
-GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_cache_blocks_total",
+          "kv_cache_memory_bytes", "model_memory_bytes")
 COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens", "request_success")
 
 
@@ -103,9 +106,45 @@ def test_metrics_expose_every_family(live_server):
         assert families[PREFIX + name].type == "counter", name
     assert 0 <= value(families, "kv_cache_usage_perc") <= 1
     assert value(families, "request_success", "_total", finished_reason="length") >= 1
-    for family in families.values():  # everything is ours and labelled with the model
+    for family in families.values():  # everything is ours and labelled with the model (or the device)
         assert family.name.startswith(PREFIX), family.name
-        assert all(s.labels["model_name"] == MODEL for s in family.samples), family.name
+        label = "device" if family.name.startswith(PREFIX + "device_memory") else "model_name"
+        assert all(label in s.labels for s in family.samples), family.name
+        assert label == "device" or all(s.labels["model_name"] == MODEL for s in family.samples), family.name
+    # CPUs report no device memory; GPUs do.
+    assert (PREFIX + "device_memory_used_bytes" in families) == (jax.devices()[0].platform == "gpu")
+
+
+def test_memory_figures_are_the_engines(live_server, tiny_loaded):
+    """The pool's blocks and bytes and the weights' bytes, as the engine allocated them (float32 on a CPU)."""
+    families = scrape(live_server)
+    cfg = tiny_loaded.config
+    block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * 16 * cfg.head_dim * 4
+    # The live server's budget, 4 MiB, at most what 8 sequences of 512 tokens fill.
+    num_blocks = min(4 * 2**20 // block_bytes, 8 * 512 // 16)
+    assert value(families, "kv_cache_blocks_total") == num_blocks
+    assert value(families, "kv_cache_memory_bytes") == num_blocks * block_bytes
+    weights = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(tiny_loaded.model))) * 4
+    assert value(families, "model_memory_bytes") == weights
+
+
+def test_bfloat16_server_holds_twice_the_blocks(tiny_loaded):
+    """`--dtype bfloat16 --kv-cache-dtype bfloat16`: answers through the SDK, and /metrics shows a pool
+    of twice float32's blocks in the same budget (here 256 KiB, below the cap), and half the weights' bytes."""
+    config = dataclasses.replace(ENGINE_CONFIG, dtype="bfloat16", kv_cache_dtype="bfloat16", kv_cache_memory=2**18)
+    server = start_server(tiny_loaded, engine_config=config)
+    try:
+        with sdk(server) as client:
+            reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
+        assert reply.choices[0].message.content is not None
+        families = scrape(server)
+    finally:
+        server.stop()
+    cfg = tiny_loaded.config
+    float32_blocks = 2**18 // (2 * cfg.num_layers * cfg.num_kv_heads * 16 * cfg.head_dim * 4)
+    assert value(families, "kv_cache_blocks_total") == 2 * float32_blocks
+    weights = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(tiny_loaded.model))) * 2
+    assert value(families, "model_memory_bytes") == weights
 
 
 def _wait_for(server, name: str, at_least: float, suffix: str = "_total") -> dict:
