@@ -25,8 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from bench.results_file import write_report
+from bench.results_file import RESULTS_DIR, write_report
 
 PROMPTS = ["Tell me a story about a lighthouse keeper.", "Explain how rain forms.",
            "Describe a walk through a forest in autumn.", "Write about the history of bread.",
@@ -133,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     report = {"benchmark": "serving", "url": url if args.url else "balansis serve (started here)",
               "model": model, "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
               "cpus": os.cpu_count(), "load_average": os.getloadavg(), "levels": levels}
-    path = write_report("serving", report)
+    path = write_report("serving", report, results_dir=Path(args.results_dir))
     print("| concurrency | requests | output tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for r in levels:
@@ -150,6 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--requests-per-client", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON goes (default: %(default)s)")
 
 
 if __name__ == "__main__":

