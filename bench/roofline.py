@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--context", type=int, default=512, help="decode: each row's position (default 512)")
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--backends", nargs="+", choices=["xla", "pallas"], default=["xla", "pallas"])
+    parser.add_argument("--backends", nargs="+", choices=["xla", "pallas"], default=None,
+                        help="default: both on a GPU; xla on a CPU, where the Pallas kernel is interpreted "
+                             "(about 60 s a step at batch 64: a check, not a speed)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--steps", type=int, default=10, help="timed decode steps (default 10)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.memory import resolve_dtype
 
     dtype = resolve_dtype(args.dtype, jax.devices()[0].platform)
+    if args.backends is None:
+        args.backends = ["xla", "pallas"] if jax.devices()[0].platform == "gpu" else ["xla"]
     limits = device_limits(dtype)
     print(f"device: {jax.devices()[0].device_kind}; {limits['source']}: {limits['flops_per_s'] / 1e12:.2f} TFLOP/s, "
           f"{limits['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
