@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh prepare        # here, where PyPI is reachable: fills .gpu/ (git-ignored)
 #   bash bench/gpu_check.sh run [FOLDER]   # on the GPU host, from the repository root, .gpu/ beside it
+#   PYTHON=.venv/bin/python INSTALL=0 bash bench/gpu_check.sh run /tmp/check   # a dry run on a CPU
 #
 # `prepare` downloads, as Python 3.12 wheels, the packages the project needs that a JAX
 # GPU image usually lacks (the web stack, the openai SDK, gguf), and saves the default
@@ -38,28 +39,34 @@ run() {
     local out=${1:-${OUT:-bench/results/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}}
     mkdir -p "$out"
     out=$(cd "$out" && pwd)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .gpu/wheels/*.whl
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BALANSIS_TOKENIZER=$PWD/.gpu/tokenizer
+    local python=${PYTHON:-python3}
+    if [ "${INSTALL:-1}" = 1 ]; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .gpu/wheels/*.whl
+        export PYTHONPATH=/tmp/site:$PWD
+    else
+        export PYTHONPATH=$PWD
+    fi
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BALANSIS_TOKENIZER=$PWD/.gpu/tokenizer
 
-    { python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__); print(jax.devices()); print([d.device_kind for d in jax.devices()])"
-      python3 -m pip list 2>/dev/null | grep -Ei '^(jax|jaxlib|jax-cuda|flax|nvidia-cudnn|triton) ' || true
+    { "$python" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__); print(jax.devices()); print([d.device_kind for d in jax.devices()])"
+      "$python" -m pip list 2>/dev/null | grep -Ei '^(jax|jaxlib|jax-cuda|flax|nvidia-cudnn|triton) ' || true
       nvidia-smi || true; } > "$out/environment.txt" 2>&1
 
-    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu > "$out/gpu-tests.txt" 2>&1 || true
-    timeout 150 python3 -m bench.roofline --results-dir "$out" --steps 10 > "$out/roofline.txt" 2>&1 || true
+    timeout 180 "$python" -m pytest -m gpu -q -p no:cacheprovider tests/gpu > "$out/gpu-tests.txt" 2>&1 || true
+    timeout 140 "$python" -m bench.roofline --results-dir "$out" --steps 10 > "$out/roofline.txt" 2>&1 || true
 
-    python3 -m bench.random_checkpoint --shape smollm2-135m --tokenizer .gpu/tokenizer --out /tmp/smollm2-random \
+    "$python" -m bench.random_checkpoint --shape smollm2-135m --tokenizer .gpu/tokenizer --out /tmp/smollm2-random \
         > /dev/null
     local port=8011
-    python3 -m serving.cli serve --model /tmp/smollm2-random --port $port --no-warmup --no-access-log \
+    "$python" -m serving.cli serve --model /tmp/smollm2-random --port $port --no-warmup --no-access-log \
         --max-model-len 1024 > "$out/server.log" 2>&1 &
     local server=$!
     for _ in $(seq 240); do
         curl -sf "http://127.0.0.1:$port/ready" > /dev/null && break
         sleep 0.5
     done
-    timeout 120 python3 -m bench.serving --url "http://127.0.0.1:$port/v1" --concurrency 1 16 64 \
+    timeout 90 "$python" -m bench.serving --url "http://127.0.0.1:$port/v1" --concurrency 1 16 64 \
         --results-dir "$out" > "$out/serving.txt" 2>&1 || true
     kill -TERM $server; wait $server || true
     ls -l "$out"

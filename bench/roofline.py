@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -149,7 +151,8 @@ def forward_function(graphdef, backend):
     return jax.jit(forward, donate_argnums=(1,))
 
 
-def run_shape(shape: str, args, dtype, kv_dtype, limits: dict) -> list[Row]:
+def run_shape(shape: str, args, dtype, kv_dtype, limits: dict, rows: list[Row]) -> None:
+    """Measure one shape; each row is appended to `rows` as soon as it is measured."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -161,7 +164,6 @@ def run_shape(shape: str, args, dtype, kv_dtype, limits: dict) -> list[Row]:
     weights_read = weight_bytes_per_step(model)
     graphdef, state = nnx.split(model)
     kv_itemsize = jnp.dtype(kv_dtype).itemsize
-    rows = []
     for backend_name in args.backends:
         backend = AttentionBackend(backend_name)
         forward = forward_function(graphdef, backend)
@@ -207,7 +209,6 @@ def run_shape(shape: str, args, dtype, kv_dtype, limits: dict) -> list[Row]:
                         flops / seconds / limits["flops_per_s"], t * limits["flops_per_s"] / flops))
         print(_format(rows[-1]), flush=True)
         del kv
-    return rows
 
 
 def fits(shape: str, args, dtype, kv_dtype) -> bool:
@@ -270,18 +271,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {jax.devices()[0].device_kind}; {limits['source']}: {limits['flops_per_s'] / 1e12:.2f} TFLOP/s, "
           f"{limits['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     rows = []
-    for shape in args.shapes or list(SHAPES):
-        if not fits(shape, args, dtype, dtype):
-            print(f"{shape}: skipped (does not fit, or a CPU and not named)", flush=True)
-            continue
-        rows += run_shape(shape, args, dtype, dtype, limits)
+    # Under `timeout` (the GPU check), SIGTERM ends the run with the rows measured so far written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        for shape in args.shapes or list(SHAPES):
+            if not fits(shape, args, dtype, dtype):
+                print(f"{shape}: skipped (does not fit, or a CPU and not named)", flush=True)
+                continue
+            run_shape(shape, args, dtype, dtype, limits, rows)
+    finally:
+        write_results(rows, args, dtype, limits)
+    return 0
+
+
+def write_results(rows: list[Row], args, dtype, limits: dict) -> None:
     report = dict(benchmark="roofline", machine=machine_info(), source=source_revision(),
                   dtype=np.dtype(dtype).name, device_limits=limits, args=vars(args),
                   rows=[dataclasses.asdict(r) for r in rows])
     path = write_report("roofline", report, results_dir=Path(args.results_dir))
     print(format_table(rows))
     print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

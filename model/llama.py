@@ -142,7 +142,8 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, token_ids_bt: jax.Array, positions_bt: jax.Array, kv: KVCache,
                  block_tables_bp: jax.Array, is_valid_bt: jax.Array, *,
                  precision: Precision = Precision.STANDARD,
-                 attention_backend: AttentionBackend = AttentionBackend.XLA) -> tuple[jax.Array, KVCache]:
+                 attention_backend: AttentionBackend = AttentionBackend.XLA,
+                 sliced: dict[str, numerics.SlicedWeight] | None = None) -> tuple[jax.Array, KVCache]:
         """Run T new tokens of B sequences through every layer.
 
         token_ids_bt, positions_bt: [B, T] int32; positions are absolute.
@@ -154,6 +155,8 @@ class LlamaForCausalLM(nnx.Module):
         double-word (hi, lo), which `logits` takes as it is) and the updated cache.
         All earlier positions of each sequence must already be in the cache.
         attention_backend: the gather path (XLA) or the kernels (PALLAS, STANDARD only); see model.attention.
+        sliced: under HIGH and ULTRA, `slice_weights()`'s output, so that no step cuts the weights
+            again (the same bits as without).
         """
         cfg = self.config
         x_btd = self._embed(token_ids_bt, precision)
@@ -168,7 +171,8 @@ class LlamaForCausalLM(nnx.Module):
 
         def layer_step(carry, layer_in):
             x, k_cache, v_cache = carry
-            w, layer = layer_in
+            w, w_sliced, layer = layer_in
+            w = {**w, **w_sliced}  # the sliced matrices in place of the plain ones
             h_btd = rms_norm(x, w["input_norm"], cfg.rms_norm_eps, precision)
             q_btnh, k_btkh, v_btkh = self._project_qkv(h_btd, w, positions_bt, inv_freq_h, precision)
             # Write first, then read: this step's tokens attend to each other
@@ -182,8 +186,9 @@ class LlamaForCausalLM(nnx.Module):
             return (_add(x, self._mlp(x, w, precision)), k_cache, v_cache), None
 
         layer_ids = jnp.arange(cfg.num_layers)
+        layers_sliced = {n: s for n, s in (sliced or {}).items() if n in LAYER_WEIGHTS}
         (x, k_cache, v_cache), _ = jax.lax.scan(
-            layer_step, (_residual(x_btd, precision), kv.k, kv.v), (self.layers.weights(), layer_ids))
+            layer_step, (_residual(x_btd, precision), kv.k, kv.v), (self.layers.weights(), layers_sliced, layer_ids))
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, precision), KVCache(k_cache, v_cache)
 
     def hidden_states(self, token_ids_bt: jax.Array, is_valid_bt: jax.Array, *,
@@ -251,12 +256,24 @@ class LlamaForCausalLM(nnx.Module):
         up_btf = numerics.matmul(h_btd, w["up_proj"], precision=precision)
         return _project_out(numerics.silu(gate_btf, precision=precision) * up_btf, w["down_proj"], precision)
 
-    def logits(self, hidden_xd: jax.Array, *, precision: Precision = Precision.STANDARD) -> jax.Array:
+    def logits(self, hidden_xd: jax.Array, *, precision: Precision = Precision.STANDARD,
+               sliced: dict[str, numerics.SlicedWeight] | None = None) -> jax.Array:
         """LM head over final-normed hidden states `[..., D]` → float32 logits `[..., V]`
-        (STANDARD: accumulated in float32 whatever the weights' dtype; HIGH and ULTRA: exact products)."""
+        (STANDARD: accumulated in float32 whatever the weights' dtype; HIGH and ULTRA: exact products,
+        from `sliced["lm_head"]` when given)."""
         if precision is Precision.STANDARD:
             return jnp.matmul(hidden_xd, self.lm_head_weights(), preferred_element_type=jnp.float32)
-        return numerics.matmul(hidden_xd, self.lm_head_weights(), precision=precision)
+        head = (sliced or {}).get("lm_head", self.lm_head_weights())
+        return numerics.matmul(hidden_xd, head, precision=precision)
+
+    def slice_weights(self, *, integer_dots: bool = False) -> dict[str, numerics.SlicedWeight]:
+        """Every matrix HIGH and ULTRA multiply by (the layers' stacked, and the LM head), cut once
+        into their slices (numerics.SlicedWeight) for `__call__` and `logits` to take."""
+        layers = self.layers.weights()
+        out = {name: numerics.slice_weight(layers[name], integer_dots=integer_dots)
+               for name in LAYER_WEIGHTS if not name.endswith("norm")}
+        out["lm_head"] = numerics.slice_weight(self.lm_head_weights(), integer_dots=integer_dots)
+        return out
 
     def lm_head_weights(self) -> jax.Array:
         """`[D, V]`: the tied embedding's transpose, or the LM head."""

@@ -33,7 +33,9 @@ All functions upcast to float32 before reducing and return float32.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import math
 
 import jax
@@ -300,36 +302,66 @@ def silu(x: jax.Array, *, precision: Precision = STANDARD) -> jax.Array:
 
 # HIGH's and ULTRA's matmuls (the Ozaki scheme): K is cut into chunks of
 # EXACT_CHUNK terms; within a chunk each row of x and each column of w is cut
-# into slices of EXACT_SLICE_BITS bits at a common power-of-two scale, so
-# every slice-by-slice partial product is a sum of at most 2**(2 * 8 + 8) =
-# 2**24 integers times one scale: exact in float32, in any order, on any
-# matmul unit. The chunk and slice results are then added by a compensated
-# sum. What the last slice leaves out is dropped — the same bits whatever
-# the batch, so the result never depends on it.
+# into slices at a common power-of-two scale, each slice a signed integer of
+# at most EXACT_SLICE_BITS bits (|m| ≤ 127: an int8) times its unit. A dot of
+# two slices is then a sum of at most EXACT_CHUNK integers below 2**14, under
+# 2**22: exact in int32, and exact in float32 in any order (in TF32 and
+# bfloat16 too: a 7-bit integer fits their significands) — so the dot may run
+# as int8 × int8 → int32 (what tensor cores and VNNI run fastest) or in
+# float32, with the same bits. Each dot's integer sum is scaled by its two
+# units (powers of two: exact), and the chunk and slice results are added by a
+# compensated sum. What the last slice leaves out is dropped — the same bits
+# whatever the batch, so the result never depends on it.
 EXACT_CHUNK = 256
-EXACT_SLICE_BITS = 8
-# Slices of (activations, weights): HIGH keeps 24 bits of activations
-# (float32's own) and of float32 weights, 16 of bfloat16 weights (exact for
-# one within 8 binades of its column's largest); ULTRA 32 of each, beyond
-# float32's 24.
-EXACT_SLICES = {Precision.HIGH: (3, 3), Precision.ULTRA: (4, 4)}
-_HIGH_BF16_WEIGHT_SLICES = 2
+EXACT_SLICE_BITS = 7
+EXACT_MAX_SLICES = 5
+# Slices of (activations, weights): HIGH keeps 28 bits of activations and of
+# float32 weights (beyond float32's own 24), 21 of bfloat16 weights (exact for
+# one within 13 binades of its column's largest); ULTRA 35 of each.
+EXACT_SLICES = {Precision.HIGH: (4, 4), Precision.ULTRA: (5, 5)}
+_HIGH_BF16_WEIGHT_SLICES = 3
+# The dots of slices state their algorithm: plain float32 products and sums,
+# never TF32 or another default a backend might pick.
+_F32_DOT = jax.lax.DotAlgorithmPreset.F32_F32_F32
 
 
-def matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array, *,
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["ints", "exponent"],
+                   meta_fields=["high_slices", "integer_dots"])
+@dataclasses.dataclass(frozen=True)
+class SlicedWeight:
+    """A weight matrix `[..., K, N]` cut once into HIGH's and ULTRA's slices (see EXACT_CHUNK),
+    so that a step need not cut it again: `matmul` takes it wherever it takes the matrix,
+    with the same bits. Leading dimensions (stacked layers) stay in front."""
+
+    ints: jax.Array  # [..., EXACT_MAX_SLICES, K / chunk, chunk, N] int8
+    exponent: jax.Array  # [..., K / chunk, 1, N] int32: slice i's unit is 2**(exponent - 7·(i + 1))
+    high_slices: int  # how many HIGH uses (fewer for a bfloat16 matrix)
+    integer_dots: bool  # run the slices' dots as int8 × int8 → int32 (else in float32; the same bits)
+
+
+def slice_weight(w: jax.Array, *, integer_dots: bool = False) -> SlicedWeight:
+    """`w` `[..., K, N]` in EXACT_MAX_SLICES int8 slices per chunk and column."""
+    ints, exponent = _slice_ints(_k_chunks(w.astype(jnp.float32), -2), axis=-2, count=EXACT_MAX_SLICES)
+    high = _HIGH_BF16_WEIGHT_SLICES if w.dtype == jnp.bfloat16 else EXACT_SLICES[Precision.HIGH][1]
+    return SlicedWeight(jnp.moveaxis(ints, 0, -4).astype(jnp.int8), exponent, high, integer_dots)
+
+
+def matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array | SlicedWeight, *,
            precision: Precision = STANDARD) -> jax.Array:
-    """x `[..., K]` @ w `[K, N]` (x a double-word only under ULTRA).
+    """x `[..., K]` @ w `[K, N]` (x a double-word only under ULTRA; w an array, or under HIGH and
+    ULTRA its SlicedWeight).
 
     STANDARD: XLA's matmul in the operands' dtype. HIGH and ULTRA: sliced,
     error-free products (see EXACT_CHUNK), whose result does not depend on
     the matmul's order of accumulation, so it is the same whatever the batch.
+    A SlicedWeight says whether the slices' dots run in int8 or float32 (the same bits).
     """
     if precision is Precision.STANDARD:
         return x @ w
     return exact_matmul(x, w, precision=precision)[0]
 
 
-def exact_matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array, *,
+def exact_matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array | SlicedWeight, *,
                  precision: Precision = Precision.ULTRA) -> tuple[jax.Array, jax.Array]:
     """x @ w as a double-word (hi, lo), from HIGH's or ULTRA's slices.
 
@@ -338,17 +370,32 @@ def exact_matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array, *,
     the batch) and is added on.
     """
     x_hi, x_lo = x if isinstance(x, tuple) else (x, None)
-    x_slices, w_slices = EXACT_SLICES[precision]
-    if precision is Precision.HIGH and w.dtype == jnp.bfloat16:
-        w_slices = _HIGH_BF16_WEIGHT_SLICES
-    x_sgc = _slices(_k_chunks(x_hi.astype(jnp.float32), -1), axis=-1, count=x_slices)  # [S, ..., G, C]
-    w = w.astype(jnp.float32)
-    w_sgcn = _slices(_k_chunks(w, 0), axis=1, count=w_slices)  # [S, G, C, N]
-    partial = jnp.einsum("i...gc,jgcn->gij...n", x_sgc, w_sgcn, precision=jax.lax.Precision.HIGHEST)
-    hi, lo = double_word_sum(partial.reshape((-1,) + partial.shape[3:]), axis=0)
+    sliced = w if isinstance(w, SlicedWeight) else slice_weight(w)
+    x_count, w_count = EXACT_SLICES[precision]
+    if precision is Precision.HIGH:
+        w_count = sliced.high_slices
+    x_ints, x_exponent = _slice_ints(_k_chunks(x_hi.astype(jnp.float32), -1), axis=-1, count=x_count)
+    # One dot per weight slice, each over a contiguous [G, C, N] block with the chunk axis G as
+    # the batch: as one einsum over all slices, XLA:CPU transposed the whole slice stack each call.
+    if sliced.integer_dots:
+        x_ints = x_ints.astype(jnp.int8)
+        partial = jnp.stack([jnp.einsum("i...gc,gcn->gi...n", x_ints, sliced.ints[j],
+                                        preferred_element_type=jnp.int32) for j in range(w_count)], axis=2)
+        partial = partial.astype(jnp.float32)
+    else:
+        partial = jnp.stack([jnp.einsum("i...gc,gcn->gi...n", x_ints, sliced.ints[j].astype(jnp.float32),
+                                        precision=_F32_DOT) for j in range(w_count)], axis=2)
+    # partial[g, i, j, ..., n] is in units of 2**(x_exponent[..., g] - 7(i+1)) · 2**(w_exponent[g, n] - 7(j+1)).
+    x_units = _units(jnp.moveaxis(x_exponent[..., 0], -1, 0), x_count)  # [G, Sx, ...]
+    w_units = _units(sliced.exponent[:, 0, :], w_count)  # [G, Sw, N]
+    extra = partial.ndim - 4  # the activations' leading dims
+    x_units = x_units.reshape(x_units.shape[:2] + (1,) + x_units.shape[2:] + (1,))
+    w_units = w_units.reshape(w_units.shape[:1] + (1, w_count) + (1,) * extra + w_units.shape[2:])
+    scaled = (partial * x_units) * w_units  # two powers of two: exact
+    hi, lo = double_word_sum(scaled.reshape((-1,) + scaled.shape[3:]), axis=0)
     if x_lo is None:
         return hi, lo
-    return double_word_add(hi, lo, *exact_matmul(x_lo, w, precision=precision))
+    return double_word_add(hi, lo, *exact_matmul(x_lo, sliced, precision=precision))
 
 
 def batched_matmul(a: jax.Array, b: jax.Array, *, precision: Precision = STANDARD) -> jax.Array:
@@ -363,21 +410,23 @@ def exact_batched_matmul(a: jax.Array, b: jax.Array, *,
                          precision: Precision = Precision.ULTRA) -> tuple[jax.Array, jax.Array]:
     """a @ b over leading dimensions, as a double-word (hi, lo)."""
     count = EXACT_SLICES[precision][0]
-    a_smgc = _slices(_k_chunks(a.astype(jnp.float32), -1), axis=-1, count=count)  # [S, ..., M, G, C]
-    b_sgcn = _slices(_k_chunks(b.astype(jnp.float32), -2), axis=-2, count=count)  # [S, ..., G, C, N]
-    partial = jnp.einsum("i...mgc,j...gcn->gij...mn", a_smgc, b_sgcn, precision=jax.lax.Precision.HIGHEST)
+    a_smgc = _slice_pieces(_k_chunks(a.astype(jnp.float32), -1), axis=-1, count=count)  # [S, ..., M, G, C]
+    b_sgcn = _slice_pieces(_k_chunks(b.astype(jnp.float32), -2), axis=-2, count=count)  # [S, ..., G, C, N]
+    partial = jnp.einsum("i...mgc,j...gcn->gij...mn", a_smgc, b_sgcn, precision=_F32_DOT)
     return double_word_sum(partial.reshape((-1,) + partial.shape[3:]), axis=0)
 
 
 # Attention's probabilities × values: a column of values would be scaled by
 # its largest entry over the keys in the call, which differ between a
 # prefill (all the chunk's keys) and a decode (keys up to its position). So
-# values are cut on a fixed grid instead, from VALUE_GRID_TOP down, and a
-# slice never depends on other entries; a query's probabilities keep their
-# own row's scale, which only its visible keys decide. Values of magnitude
-# 2**VALUE_GRID_TOP or more would no longer sum exactly (still accurately);
-# LLM attention values stay far below.
+# values are cut on a fixed grid instead, from VALUE_GRID_TOP down, in 8-bit
+# steps, and a slice never depends on other entries; a query's probabilities
+# keep their own row's scale, which only its visible keys decide. A product of
+# slices is below 2**7 · 2**8, a chunk's sum below 2**23: exact. Values of
+# magnitude 2**VALUE_GRID_TOP or more would no longer sum exactly (still
+# accurately); LLM attention values stay far below.
 VALUE_GRID_TOP = 16
+_VALUE_GRID_BITS = 8
 _VALUE_SLICES = {Precision.HIGH: 5, Precision.ULTRA: 7}  # down to 2**-24 and 2**-40
 
 
@@ -386,10 +435,10 @@ def exact_attention_values(probs: jax.Array, values: jax.Array, *, precision: Pr
     """probs `[..., Q, S]` @ values `[..., S, H]` as a double-word, the same bits for a query
     whatever other keys or queries share the call."""
     count = EXACT_SLICES[precision][0]
-    p_smgc = _slices(_k_chunks(probs.astype(jnp.float32), -1), axis=-1, count=count)
+    p_smgc = _slice_pieces(_k_chunks(probs.astype(jnp.float32), -1), axis=-1, count=count)
     v_sgcn = _fixed_slices(_k_chunks(values.astype(jnp.float32), -2), top=VALUE_GRID_TOP,
                            count=_VALUE_SLICES[precision])
-    partial = jnp.einsum("i...mgc,j...gcn->gij...mn", p_smgc, v_sgcn, precision=jax.lax.Precision.HIGHEST)
+    partial = jnp.einsum("i...mgc,j...gcn->gij...mn", p_smgc, v_sgcn, precision=_F32_DOT)
     return double_word_sum(partial.reshape((-1,) + partial.shape[3:]), axis=0)
 
 
@@ -397,7 +446,7 @@ def _fixed_slices(x: jax.Array, *, top: int, count: int) -> jax.Array:
     """`[count, *x.shape]`: x cut at 2**(top - 8), 2**(top - 16), … whatever its neighbours."""
     rest, slices = x, []
     for i in range(count):
-        unit = 2.0 ** (top - EXACT_SLICE_BITS * (i + 1))
+        unit = 2.0 ** (top - _VALUE_GRID_BITS * (i + 1))
         piece = jnp.round(rest / unit) * unit
         slices.append(piece)
         rest = rest - piece
@@ -416,20 +465,36 @@ def _k_chunks(x: jax.Array, axis: int) -> jax.Array:
     return x.reshape(x.shape[:axis] + (chunks, EXACT_CHUNK) + x.shape[axis + 1:])
 
 
-def _slices(x: jax.Array, axis: int, count: int) -> jax.Array:
-    """`[count, *x.shape]`: x ≈ their sum; along `axis` each slice is an integer of at most
-    EXACT_SLICE_BITS bits times one power of two (what is left after the last is dropped)."""
+def _slice_ints(x: jax.Array, axis: int, count: int) -> tuple[jax.Array, jax.Array]:
+    """x cut along `axis` into `count` integers `[count, *x.shape]` (float32, |m| ≤ 127) and the
+    exponent (`axis` kept, int32): x ≈ Σ_i m_i · 2**(exponent − 7·(i+1)), what the last leaves dropped.
+
+    Each slice is the rest truncated toward zero at its unit, so it stays
+    below 2**7 in magnitude: every step scales by a power of two or drops
+    low bits, all exact. The exponent's floor keeps every unit a normal float
+    and does not depend on `count`, so fewer slices are a prefix of more.
+    """
     _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=axis, keepdims=True))  # |x| < 2**exponent
-    # Tiny chunks keep a floor, so that every unit and its inverse stay normal floats.
-    exponent = jnp.maximum(exponent, EXACT_SLICE_BITS * count - 126)
-    rest, slices = x, []
+    exponent = jnp.maximum(exponent, EXACT_SLICE_BITS * EXACT_MAX_SLICES - 126)
+    rest, ints = x, []
     for i in range(count):
         bits = EXACT_SLICE_BITS * (i + 1)
-        unit, inverse = jnp.ldexp(jnp.float32(1.0), exponent - bits), jnp.ldexp(jnp.float32(1.0), bits - exponent)
-        piece = jnp.round(rest * inverse) * unit  # powers of two: every step is exact
-        slices.append(piece)
-        rest = rest - piece
-    return jnp.stack(slices)
+        m = jnp.trunc(rest * _power_of_two(bits - exponent))
+        ints.append(m)
+        rest = rest - m * _power_of_two(exponent - bits)
+    return jnp.stack(ints), exponent
+
+
+def _slice_pieces(x: jax.Array, axis: int, count: int) -> jax.Array:
+    """`[count, *x.shape]`: the slices of `_slice_ints` times their units (floats, exact)."""
+    ints, exponent = _slice_ints(x, axis, count)
+    units = jnp.stack([_power_of_two(exponent - EXACT_SLICE_BITS * (i + 1)) for i in range(count)])
+    return ints * units
+
+
+def _units(exponent: jax.Array, count: int) -> jax.Array:
+    """`[G, count, ...]` from exponents `[G, ...]`: 2**(exponent − 7·(i+1)) for each slice i."""
+    return jnp.stack([_power_of_two(exponent - EXACT_SLICE_BITS * (i + 1)) for i in range(count)], axis=1)
 
 
 # -- the reductions the model uses -----------------------------------------------------------

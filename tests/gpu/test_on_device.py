@@ -128,3 +128,20 @@ def test_engine_needle_is_the_same_bits_in_any_batch_on_the_device(engine_model,
     from tests.engine import test_precision_invariance
 
     test_precision_invariance.test_needle_logprobs_are_the_same_bits_in_any_batch(engine_model, precision)
+
+
+def test_the_integer_sliced_matmul_is_an_integer_gemm_on_the_device():
+    """HIGH's slices multiply as int8 × int8 → int32 in the compiled program (cuBLAS's integer GEMM
+    or XLA's own dot on s8 operands), with the bits of the float32 dots."""
+    from model import numerics
+    from tests.model import test_sliced_matmul
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((16, 576)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((576, 1536)) * 0.02, jnp.bfloat16)
+    sliced = numerics.slice_weight(w, integer_dots=True)
+    text = _compiled_text(lambda x, s: numerics.exact_matmul(x, s, precision=Precision.HIGH), x, sliced)
+    assert "s8[" in text and "s32[" in text
+    for k in (576, 1536):
+        for precision in (Precision.HIGH, Precision.ULTRA):
+            test_sliced_matmul.test_integer_dots_give_the_float32_dots_bits(precision, jnp.bfloat16, k)

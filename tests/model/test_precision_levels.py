@@ -74,3 +74,35 @@ def test_a_row_gives_the_same_bits_in_any_batch(tiny, precision):
         if precision is not Precision.STANDARD:
             assert batched.tobytes() == alone.tobytes(), (rows, tokens, differences)
     print(f"{precision.value}: largest difference from alone {max(differences):.3g}")
+
+
+@pytest.mark.parametrize("integer_dots", [False, True], ids=["float32-dots", "int8-dots"])
+@pytest.mark.parametrize("precision", [Precision.HIGH, Precision.ULTRA])
+def test_weights_sliced_once_give_the_bits_of_weights_sliced_per_call(tiny, precision, integer_dots):
+    """The engine cuts HIGH's and ULTRA's weights once (`slice_weights`); a paged forward with them
+    (their dots in float32 or int8) gives the same logits, bit for bit, as cutting them in the call."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from model.kv_cache import KVCache
+
+    _, model = load_decoder(tiny[0])
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def forward(with_slices, state, ids, kv):
+        m = nnx.merge(graphdef, state)
+        sliced = m.slice_weights(integer_dots=integer_dots) if with_slices else None
+        b, t = ids.shape
+        hidden, _ = m(ids, jnp.broadcast_to(jnp.arange(t), (b, t)), kv, jnp.arange(4, dtype=jnp.int32)[None],
+                      jnp.ones((b, t), bool), precision=precision, sliced=sliced)
+        return m.logits(hidden, precision=precision, sliced=sliced)
+
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 256, (1, 24)), jnp.int32)
+    kv = KVCache.zeros(model.config, num_pages=4, page_size=16)
+    per_call = np.asarray(forward(False, state, ids, kv))
+    once = np.asarray(forward(True, state, ids, KVCache.zeros(model.config, num_pages=4, page_size=16)))
+    assert once.tobytes() == per_call.tobytes()
