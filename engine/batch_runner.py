@@ -23,8 +23,10 @@ here and is donated to every call, so XLA updates it in place.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import dataclasses
 import functools
+import os
 from typing import Sequence as Seq
 
 import jax
@@ -96,6 +98,7 @@ class BatchRunner:
         self._integer_dots = True
         self._sliced = None
         self._sliced_step = None
+        self._compiled: dict = {}  # (layout, with prompt logprobs, precision) → what `warmup` compiled ahead
         self._channel = distributed.CallChannel() if distributed.is_multi_process() else None
         if self._channel is not None and self._channel.is_leader:
             atexit.register(self.close)  # however process 0 ends, the others' `follow` returns
@@ -189,19 +192,27 @@ class BatchRunner:
         return sample, prompt
 
     def _call_step(self, layout: Layout, with_prompt_logprobs: bool, precision: Precision, buffer):
-        """The compiled forward at `precision`: STANDARD's over the plain weights, HIGH's and ULTRA's
-        over the sliced ones too."""
+        """The compiled forward at `precision`: the program `warmup` compiled ahead for these shapes,
+        else jit's (compiled on first use); STANDARD's over the plain weights, HIGH's and ULTRA's over
+        the sliced ones too."""
+        step, sliced = self._step_at(precision)
+        compiled = self._compiled.get((layout, with_prompt_logprobs, precision))
+        if compiled is not None:
+            return compiled(self.state, sliced, self.kv, buffer)
+        return step(layout, with_prompt_logprobs, precision, self.attention[precision], self.state, sliced,
+                    self.kv, buffer)
+
+    def _step_at(self, precision: Precision):
+        """The jitted step for `precision` and the sliced weights it takes (None at STANDARD)."""
         if precision is Precision.STANDARD:
-            return self._step(layout, with_prompt_logprobs, precision, self.attention[precision], self.state, None,
-                              self.kv, buffer)
+            return self._step, None
         if self._sliced is None:
             integer_dots = self._integer_dots
             self._sliced = jax.jit(lambda state: nnx.merge(self.graphdef, state).slice_weights(
                 integer_dots=integer_dots))(self.state)
             self._sliced_step = _compiled_step(self.graphdef, self.mesh, self._state_shardings, self._kv_sharding,
                                                jax.tree.map(lambda a: a.sharding, self._sliced))
-        return self._sliced_step(layout, with_prompt_logprobs, precision, self.attention[precision], self.state,
-                                 self._sliced, self.kv, buffer)
+        return self._sliced_step, self._sliced
 
     # -- multi-host (engine.distributed) -----------------------------------------------
     def follow(self) -> None:
@@ -253,24 +264,46 @@ class BatchRunner:
         return results
 
     # -- compile ahead -----------------------------------------------------------
-    def warmup(self, precision: Precision = Precision.STANDARD) -> int:
-        """Compile every bucketed program (greedy, no logprobs) at `precision`; returns how many."""
-        shapes = self.bucket_shapes()
-        sampled_batches = set()
-        for b, t, p in shapes:
-            arrays = pack_sampling([SamplingRow(params=_WARMUP_PARAMS, seed=0, position=0)],
-                                   vocab_size=self.config.vocab_size, batch_size=b)
-            zeros = np.zeros((b, t), np.int32)
-            buffer, layout = pack((zeros, zeros, np.zeros((b, p), np.int32), np.zeros((b, t), bool),
-                                   arrays, zeros))
+    def warmup(self, precision: Precision = Precision.STANDARD, *, num_threads: int | None = None) -> int:
+        """Compile every bucketed program (greedy, no logprobs) at `precision`; returns how many.
+
+        The forward programs compile from shapes (`lower(...).compile()` on the
+        weights', the cache's and a ShapeDtypeStruct's avals: nothing runs), on
+        `num_threads` threads at once (default: one per CPU; XLA compiles
+        without the GIL), into a table `_call_step` dispatches to. The sampler's
+        programs (one per B) then compile on one real step each.
+        """
+        buffers = {}
+        for b, t, p in self.bucket_shapes():
+            buffer, layout = self._warmup_inputs(b, t, p)
+            buffers[layout] = buffer
+        step, sliced = self._step_at(precision)
+        everywhere = sharding.replicated(self.mesh)
+
+        def compile_one(layout: Layout):
+            buffer = jax.ShapeDtypeStruct(buffers[layout].shape, buffers[layout].dtype, sharding=everywhere)
+            lowered = step.lower(layout, False, precision, self.attention[precision], self.state, sliced, self.kv,
+                                 buffer)
+            return layout, lowered.compile()
+
+        missing = [layout for layout in buffers if (layout, False, precision) not in self._compiled]
+        with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
+            for layout, compiled in pool.map(compile_one, missing):
+                self._compiled[(layout, False, precision)] = compiled
+        for b in powers_of_two(bucket(self.max_num_seqs)):  # the sampler's shapes depend on B alone
+            buffer, layout = self._warmup_inputs(b, 1, self._pages_bucket(1))
             logits_bv, hidden_bd, sampling, _, self.kv = self._call_step(layout, False, precision, buffer)
-            if b not in sampled_batches:  # the sampler's shapes depend on B alone
-                sampled_batches.add(b)
-                jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0, with_logprobs=False,
-                                                   precision=precision, hidden_bd=hidden_bd, head=self._head,
-                                                   head_is_vd=self._head_is_vd))
-        jax.block_until_ready(self.kv)
-        return len(shapes)
+            jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0, with_logprobs=False,
+                                               precision=precision, hidden_bd=hidden_bd, head=self._head,
+                                               head_is_vd=self._head_is_vd))
+        return len(buffers)
+
+    def _warmup_inputs(self, b: int, t: int, p: int):
+        """A packed all-padding input of shape (B, T, P): nothing it writes reaches the cache."""
+        arrays = pack_sampling([SamplingRow(params=_WARMUP_PARAMS, seed=0, position=0)],
+                               vocab_size=self.config.vocab_size, batch_size=b)
+        zeros = np.zeros((b, t), np.int32)
+        return pack((zeros, zeros, np.zeros((b, p), np.int32), np.zeros((b, t), bool), arrays, zeros))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
