@@ -270,7 +270,7 @@ class BatchRunner:
         The forward programs compile from shapes (`lower(...).compile()` on the
         weights', the cache's and a ShapeDtypeStruct's avals: nothing runs), on
         `num_threads` threads at once (default: one per CPU; XLA compiles
-        without the GIL), into a table `_call_step` dispatches to. The sampler's
+        without holding the GIL), into a table `_call_step` dispatches to. The sampler's
         programs (one per B) then compile on one real step each.
         """
         buffers = {}
@@ -280,15 +280,14 @@ class BatchRunner:
         step, sliced = self._step_at(precision)
         everywhere = sharding.replicated(self.mesh)
 
-        def compile_one(layout: Layout):
-            buffer = jax.ShapeDtypeStruct(buffers[layout].shape, buffers[layout].dtype, sharding=everywhere)
-            lowered = step.lower(layout, False, precision, self.attention[precision], self.state, sliced, self.kv,
-                                 buffer)
-            return layout, lowered.compile()
-
+        # Tracing and lowering stay on this thread (JAX's tracing is not ours to run concurrently);
+        # XLA's compiles, the bulk of the time, run on the pool.
         missing = [layout for layout in buffers if (layout, False, precision) not in self._compiled]
+        lowered = [step.lower(layout, False, precision, self.attention[precision], self.state, sliced, self.kv,
+                              jax.ShapeDtypeStruct(buffers[layout].shape, buffers[layout].dtype, sharding=everywhere))
+                   for layout in missing]
         with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
-            for layout, compiled in pool.map(compile_one, missing):
+            for layout, compiled in zip(missing, pool.map(lambda program: program.compile(), lowered)):
                 self._compiled[(layout, False, precision)] = compiled
         for b in powers_of_two(bucket(self.max_num_seqs)):  # the sampler's shapes depend on B alone
             buffer, layout = self._warmup_inputs(b, 1, self._pages_bucket(1))
