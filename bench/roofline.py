@@ -130,10 +130,24 @@ def weight_bytes_per_step(model) -> int:
     return total if model.config.tie_word_embeddings else total - model.embed_tokens[...].nbytes
 
 
-def matmul_weights(cfg) -> int:
-    """Weights a token multiplies: the layers' projections and the LM head."""
+def layer_matmul_weights(cfg) -> int:
+    """Weights a token multiplies in the layers' projections."""
     d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return cfg.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * f) + d * cfg.vocab_size
+    return cfg.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * f)
+
+
+def _median_seconds(forward, state, kv, inputs, *, untimed: int, timed: int):
+    """The median wall time of `timed` calls after `untimed` ones (compiling among them), and the cache."""
+    import jax
+
+    times = []
+    for i in range(untimed + timed):
+        start = time.perf_counter()
+        logits, kv = forward(state, kv, *inputs)
+        jax.block_until_ready(logits)
+        if i >= untimed:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), kv
 
 
 def forward_function(graphdef, backend):
@@ -153,7 +167,6 @@ def forward_function(graphdef, backend):
 
 def run_shape(shape: str, args, dtype, kv_dtype, limits: dict, rows: list[Row]) -> None:
     """Measure one shape; each row is appended to `rows` as soon as it is measured."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -174,14 +187,8 @@ def run_shape(shape: str, args, dtype, kv_dtype, limits: dict, rows: list[Row]) 
             ids = jnp.zeros((batch, 1), jnp.int32)
             positions = jnp.full((batch, 1), args.context, jnp.int32)
             valid = jnp.ones((batch, 1), bool)
-            times = []
-            for i in range(args.steps + 2):
-                start = time.perf_counter()
-                logits, kv = forward(state, kv, ids, positions, tables, valid)
-                jax.block_until_ready(logits)
-                if i >= 2:
-                    times.append(time.perf_counter() - start)
-            step = statistics.median(times)
+            step, kv = _median_seconds(forward, state, kv, (ids, positions, tables, valid), untimed=2,
+                                       timed=args.steps)
             kv_read = batch * (args.context + 1) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
             traffic = weights_read + kv_read
             rows.append(Row(shape, "decode", backend_name, batch, args.context, step, batch / step,
@@ -195,15 +202,10 @@ def run_shape(shape: str, args, dtype, kv_dtype, limits: dict, rows: list[Row]) 
         ids = jnp.zeros((1, t), jnp.int32)
         positions = jnp.arange(t, dtype=jnp.int32)[None]
         valid = jnp.ones((1, t), bool)
-        times = []
-        for i in range(min(args.steps, 5) + 1):
-            start = time.perf_counter()
-            logits, kv = forward(state, kv, ids, positions, tables, valid)
-            jax.block_until_ready(logits)
-            if i >= 1:
-                times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
-        flops = 2 * (matmul_weights(cfg) - cfg.hidden_size * cfg.vocab_size) * t + 2 * cfg.hidden_size * cfg.vocab_size \
+        seconds, kv = _median_seconds(forward, state, kv, (ids, positions, tables, valid), untimed=1,
+                                      timed=min(args.steps, 5))
+        # Every token through the layers, the LM head at the last one only, causal attention.
+        flops = 2 * layer_matmul_weights(cfg) * t + 2 * cfg.hidden_size * cfg.vocab_size \
             + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * (t + 1) // 2
         rows.append(Row(shape, "prefill", backend_name, 1, t, seconds, t / seconds,
                         flops / seconds / limits["flops_per_s"], t * limits["flops_per_s"] / flops))
