@@ -92,10 +92,6 @@ class BatchRunner:
         self._step = _compiled_step(self.graphdef, self.mesh, self._state_shardings, kv_sharding)
         # HIGH's and ULTRA's weights, cut into their slices once, on the first call that needs them
         # (a server that never computes at those levels never holds them), and the program taking them.
-        # The slices' dots run as int8 × int8 → int32 (the same bits as float32's): what GPUs' tensor
-        # cores run fastest, and on XLA:CPU (VNNI) too — SmolLM2's gate projection under HIGH, 0.97 ms
-        # at batch 1 and 3.7 ms at 16, against 2.1 and 5.9 ms for float32 dots of the same slices.
-        self._integer_dots = True
         self._sliced = None
         self._sliced_step = None
         self._compiled: dict = {}  # (layout, with prompt logprobs, precision) → what `warmup` compiled ahead
@@ -207,9 +203,11 @@ class BatchRunner:
         if precision is Precision.STANDARD:
             return self._step, None
         if self._sliced is None:
-            integer_dots = self._integer_dots
+            # The slices' dots run as int8 × int8 → int32 (the same bits as float32's): what GPUs'
+            # tensor cores run fastest, and on XLA:CPU (VNNI) too — SmolLM2's gate projection under
+            # HIGH, 0.97 ms at batch 1 and 3.7 ms at 16, against 2.1 and 5.9 ms for float32 dots.
             self._sliced = jax.jit(lambda state: nnx.merge(self.graphdef, state).slice_weights(
-                integer_dots=integer_dots))(self.state)
+                integer_dots=True))(self.state)
             self._sliced_step = _compiled_step(self.graphdef, self.mesh, self._state_shardings, self._kv_sharding,
                                                jax.tree.map(lambda a: a.sharding, self._sliced))
         return self._sliced_step, self._sliced

@@ -13,7 +13,8 @@ import re
 from engine import memory
 from engine.compilation_cache import default_cache_dir
 from engine.distributed import add_distributed_arguments
-from engine.llm_engine import ATTENTION_BACKENDS, EngineConfig
+from engine.llm_engine import EngineConfig
+from model import attention
 from model.numerics import Precision
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
@@ -61,7 +62,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="numerics level of requests that do not choose one: standard (plain float32 "
                             "here), high (compensated, batch-invariant) or ultra (also error-free matmuls "
                             "and double-word activations) (default: %(default)s)")
-    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults.attention_backend,
+    group.add_argument("--attention-backend", choices=attention.CHOICES, default=defaults.attention_backend,
                        help="attention kernels: auto (Pallas paged attention and cuDNN on a GPU at standard "
                             "precision, the XLA gather path elsewhere), xla, or pallas (the kernels; in "
                             "Pallas interpret mode off a GPU, slowly) (default: %(default)s)")

@@ -31,13 +31,11 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
 from engine.text_output import TextOutput
-from model import sharding
-from model.attention import AttentionBackend
+from model import attention, sharding
 from model.kv_cache import KVCache
 from model.llama import LlamaForCausalLM
 from model.numerics import Precision
 
-ATTENTION_BACKENDS = ("auto",) + tuple(b.value for b in AttentionBackend)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,8 +90,8 @@ class EngineConfig:
             raise ValueError(f"precision must be one of {[p.value for p in Precision]}, got {self.precision!r}")
         for name in (self.dtype, self.kv_cache_dtype):
             memory.resolve_dtype(name, "cpu")  # validates
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.attention_backend not in attention.CHOICES:
+            raise ValueError(f"attention_backend must be one of {attention.CHOICES}, got {self.attention_backend!r}")
 
 
 @dataclasses.dataclass(slots=True)

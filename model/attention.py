@@ -36,6 +36,9 @@ class AttentionBackend(enum.Enum):
     PALLAS = "pallas"
 
 
+CHOICES = ("auto",) + tuple(b.value for b in AttentionBackend)  # what `--attention-backend` takes
+
+
 def choose_backend(choice: str, *, precision: Precision, platform: str, num_devices: int = 1) -> AttentionBackend:
     """What `--attention-backend` (auto, xla or pallas) means for one precision level on one platform:
     `auto` is the kernels on one GPU and the gather path elsewhere; HIGH and ULTRA always gather.
@@ -44,7 +47,7 @@ def choose_backend(choice: str, *, precision: Precision, platform: str, num_devi
     kernel's custom call over the sharded KV heads (it would gather the whole
     cache onto every device), and the kernels are not yet wrapped in a shard_map.
     """
-    if choice not in ("auto", "xla", "pallas"):
+    if choice not in CHOICES:
         raise ValueError(f"attention backend must be auto, xla or pallas, got {choice!r}")
     if precision.is_compensated or choice == "xla":
         return AttentionBackend.XLA
