@@ -27,10 +27,9 @@ install-test: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
-# The OpenAI-compatible server on the default model, at http://127.0.0.1:8000.
-# --no-warmup: on a 2-core machine compiling every bucketed program first
-# takes ~10 minutes; without it the server is ready in seconds and each new
-# shape compiles on first use. Servers in production keep the warm-up.
-SERVE_ARGS ?= --no-warmup
+# The OpenAI-compatible server on the default model, at http://127.0.0.1:8000,
+# with the full warm-up: every program compiles before /ready says 200, so no
+# request waits for a compile (bench/startup.py measures how long that takes).
+SERVE_ARGS ?=
 run: install
 	$(BIN)/balansis serve $(SERVE_ARGS)

@@ -1,6 +1,6 @@
 """Online serving: concurrent streaming clients against an OpenAI-compatible server.
 
-    python -m bench.serving                          # starts `balansis serve` on the default model
+    python -m bench.serving                          # balansis serve, then each installed peer
     python -m bench.serving --url http://host:8080/v1 --model NAME   # any OpenAI-compatible server
 
 For each concurrency C (default 1, 16, 64), C clients each stream `--requests-per-client`
@@ -11,8 +11,11 @@ output tokens per second over the level's wall time. A warm-up request per level
 first, so compile time is not counted. Results go to
 `bench/results/serving-<UTC timestamp>.json`; a table is printed.
 
-Peers: any OpenAI-compatible URL (`--url`) runs the same load; llama.cpp's `llama-server`
-figures on this machine type are in shared/DESIGN.md.
+Peers, in the same invocation, one server at a time on the same machine (bench/servers.py):
+vLLM's CPU backend (`../shared/peers/vllm-cpu/install.sh`) and llama.cpp's `llama-server`
+on the same GGUF (`bash bench/peers/build_llama_server.sh`), each when installed; the table
+ends with our output tok/s over each peer's. Any OpenAI-compatible URL (`--url`) runs the
+same load alone.
 """
 
 from __future__ import annotations
@@ -20,13 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench import servers
 from bench.results_file import RESULTS_DIR, write_report
 
 PROMPTS = ["Tell me a story about a lighthouse keeper.", "Explain how rain forms.",
@@ -85,70 +87,60 @@ async def _level(url: str, model: str, concurrency: int, requests_per_client: in
             "e2e_mean_s": statistics.mean(r["e2e_s"] for r in requests)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(args) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = _free_port()
-    command = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--no-access-log",
-               "--log-level", "warning", "--max-num-seqs", str(max(args.concurrency))]
-    if args.server_model:
-        command += ["--model", args.server_model]
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 1800  # warm-up compiles every bucket
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                return process, url + "/v1"
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the server did not become ready")
+def _run_levels(url: str, model: str, args) -> list[dict]:
+    return [asyncio.run(_level(url, model, c, args.requests_per_client, args.max_tokens)) for c in args.concurrency]
 
 
 def main(args: argparse.Namespace) -> int:
-    process = None
-    url, model = args.url, args.model
-    if url is None:
-        process, url = _start_server(args)
-    try:
-        if model is None:
-            import openai
+    runs = []
+    if args.url is not None:
+        import openai
 
-            model = openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id
-        levels = [asyncio.run(_level(url, model, c, args.requests_per_client, args.max_tokens))
-                  for c in args.concurrency]
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=120)
-    report = {"benchmark": "serving", "url": url if args.url else "balansis serve (started here)",
-              "model": model, "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
-              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "levels": levels}
+        model = args.model or openai.OpenAI(base_url=args.url, api_key="none").models.list().data[0].id
+        runs.append({"system": args.url, "model": model, "levels": _run_levels(args.url, model, args)})
+    else:
+        systems = args.systems or ["balansis", *(p for p in servers.PEERS if servers.is_installed(p))]
+        for name in systems:
+            if not servers.is_installed(name):
+                raise SystemExit(f"{name} is not installed (see bench/servers.py)")
+            print(f"-- {name}", flush=True)
+            server = servers.start(name, max_streams=max(args.concurrency), server_model=args.server_model,
+                                   log_path=Path(args.results_dir) / f"serving-{name}.log")
+            try:
+                runs.append({"system": name, "model": server.model, "ready_s": server.ready_s,
+                             "levels": _run_levels(server.api_url, server.model, args)})
+            finally:
+                server.stop()
+    report = {"benchmark": "serving", "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
+              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "runs": runs}
     path = write_report("serving", report, results_dir=Path(args.results_dir))
-    print("| concurrency | requests | output tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |")
-    print("|---|---|---|---|---|---|---|")
-    for r in levels:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['output_tok_per_s']:.1f} | {r['ttft_p50_s']:.2f} | "
-              f"{r['ttft_p99_s']:.2f} | {r['itl_p50_s'] * 1000:.1f} | {r['itl_p99_s'] * 1000:.1f} |")
+    print("| system | streams | requests | output tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        for r in run["levels"]:
+            print(f"| {run['system']} | {r['concurrency']} | {r['requests']} | {r['output_tok_per_s']:.1f} | "
+                  f"{r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | {r['itl_p50_s'] * 1000:.1f} | "
+                  f"{r['itl_p99_s'] * 1000:.1f} |")
+    ours = next((run for run in runs if run["system"] == "balansis"), None)
+    if ours is not None and len(runs) > 1:
+        peers = [run for run in runs if run is not ours]
+        print("\n| streams | " + " | ".join(f"balansis / {p['system']}" for p in peers) + " |")
+        print("|---|" + "---|" * len(peers))
+        for i, level in enumerate(ours["levels"]):
+            ratios = [level["output_tok_per_s"] / p["levels"][i]["output_tok_per_s"] for p in peers]
+            print(f"| {level['concurrency']} | " + " | ".join(f"{r:.2f}×" for r in ratios) + " |")
     print(f"\n{path}")
     return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None, help="an OpenAI-compatible base URL (default: start balansis serve)")
+    parser.add_argument("--url", default=None, help="an OpenAI-compatible base URL to measure instead of starting "
+                                                    "servers")
+    parser.add_argument("--systems", nargs="+", choices=("balansis", *servers.PEERS), default=None,
+                        help="servers to start, one after the other (default: balansis and every installed peer)")
     parser.add_argument("--model", default=None, help="model name to send (default: the server's first)")
     parser.add_argument("--server-model", default=None, help="--model of the started server (default model)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--requests-per-client", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON goes (default: %(default)s)")

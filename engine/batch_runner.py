@@ -9,7 +9,10 @@ run as separate compiled calls, each padded to bucketed shapes:
   ≥ MIN_PREFILL_TOKENS), one [B, T] call per group. Every chunk in a group
   is longer than T/2 (bar the smallest group), so padding at most doubles
   the work and B·T stays within a small multiple of the token budget;
-- both:    block tables of P pages, P a power of two ≥ MIN_PAGES, so
+- both:    block tables of P pages. At STANDARD on the XLA path P is always
+  the longest context's (model.attention.blockwise reads only the blocks the
+  call's longest row reaches), so it is no compile axis there; elsewhere
+  (HIGH, ULTRA, the Pallas kernels) P is a power of two ≥ MIN_PAGES, so
   attention reads about as many pages as the longest context in the call.
 
 So the set of programs is bounded and `warmup` can compile all of them.
@@ -27,7 +30,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,7 @@ from engine.packing import Layout, pack, unpack
 from engine.sampler import SampleResult, SamplingRow, pack_sampling, sample_tokens
 from engine.sampling import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.startup import CompileProgress
 from engine.outputs import TokenLogprobs
 from model import attention, numerics, sharding
 from model.attention import AttentionBackend
@@ -100,15 +104,22 @@ class BatchRunner:
             atexit.register(self.close)  # however process 0 ends, the others' `follow` returns
 
     # -- shapes ------------------------------------------------------------------
-    def _pages_bucket(self, num_pages: int) -> int:
+    def _pages_bucket(self, num_pages: int, precision: Precision) -> int:
+        """The block table's width for a call whose longest row spans `num_pages`."""
+        if self._has_full_tables(precision):
+            return self.max_pages
         return min(bucket(num_pages, minimum=MIN_PAGES), bucket(self.max_pages))
+
+    def _has_full_tables(self, precision: Precision) -> bool:
+        """Whether calls at `precision` take whole-context block tables (model.attention.blockwise)."""
+        return precision is Precision.STANDARD and self.attention[precision] is AttentionBackend.XLA
 
     def _length_bucket(self, num_tokens: int) -> int:
         return bucket(num_tokens, minimum=MIN_PREFILL_TOKENS)
 
-    def bucket_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (B, T, P) a call can be padded to; decode is T = 1."""
-        pages = sorted({self._pages_bucket(p) for p in range(1, self.max_pages + 1)})
+    def bucket_shapes(self, precision: Precision = Precision.STANDARD) -> list[tuple[int, int, int]]:
+        """Every (B, T, P) a call at `precision` can be padded to; decode is T = 1."""
+        pages = sorted({self._pages_bucket(p, precision) for p in range(1, self.max_pages + 1)})
         max_rows = bucket(self.max_num_seqs)
         decode = [(b, 1, p) for b in powers_of_two(max_rows) for p in pages]
         prefill = []
@@ -144,7 +155,7 @@ class BatchRunner:
         b = bucket(len(chunks))
         t = 1 if is_decode else self._length_bucket(max(c.num_tokens for c in chunks))
         max_pages = max(-(-(c.start + c.num_tokens) // self.block_size) for c in chunks)
-        p = max(self._pages_bucket(max_pages), -(-t // self.block_size))
+        p = max(self._pages_bucket(max_pages, precision), -(-t // self.block_size))
         token_ids = np.zeros((b, t), np.int32)
         next_ids = np.zeros((b, t), np.int32)
         positions = np.zeros((b, t), np.int32)
@@ -262,8 +273,10 @@ class BatchRunner:
         return results
 
     # -- compile ahead -----------------------------------------------------------
-    def warmup(self, precision: Precision = Precision.STANDARD, *, num_threads: int | None = None) -> int:
-        """Compile every bucketed program (greedy, no logprobs) at `precision`; returns how many.
+    def warmup(self, precision: Precision = Precision.STANDARD, *, num_threads: int | None = None,
+               progress: Callable[[int], CompileProgress] | None = None) -> int:
+        """Compile every bucketed program (greedy, no logprobs) at `precision`; returns how many
+        forward programs there are. `progress(total)` gets told of each program compiled.
 
         The forward programs compile from shapes (`lower(...).compile()` on the
         weights', the cache's and a ShapeDtypeStruct's avals: nothing runs), on
@@ -276,27 +289,37 @@ class BatchRunner:
         more cores, and for devices whose memory a dummy batch would touch.
         """
         buffers = {}
-        for b, t, p in self.bucket_shapes():
+        for b, t, p in self.bucket_shapes(precision):
             buffer, layout = self._warmup_inputs(b, t, p)
             buffers[layout] = buffer
         step, sliced = self._step_at(precision)
         everywhere = sharding.replicated(self.mesh)
+        missing = [layout for layout in buffers if (layout, False, precision) not in self._compiled]
+        sampler_rows = powers_of_two(bucket(self.max_num_seqs))  # the sampler's shapes depend on B alone
+        counter = progress(len(missing) + len(sampler_rows)) if progress is not None else None
+
+        def compile_one(program):
+            compiled = program.compile()
+            if counter is not None:
+                counter.advance()
+            return compiled
 
         # Tracing and lowering stay on this thread (JAX's tracing is not ours to run concurrently);
         # XLA's compiles, the bulk of the time, run on the pool.
-        missing = [layout for layout in buffers if (layout, False, precision) not in self._compiled]
         lowered = [step.lower(layout, False, precision, self.attention[precision], self.state, sliced, self.kv,
                               jax.ShapeDtypeStruct(buffers[layout].shape, buffers[layout].dtype, sharding=everywhere))
                    for layout in missing]
         with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
-            for layout, compiled in zip(missing, pool.map(lambda program: program.compile(), lowered)):
+            for layout, compiled in zip(missing, pool.map(compile_one, lowered)):
                 self._compiled[(layout, False, precision)] = compiled
-        for b in powers_of_two(bucket(self.max_num_seqs)):  # the sampler's shapes depend on B alone
-            buffer, layout = self._warmup_inputs(b, 1, self._pages_bucket(1))
+        for b in sampler_rows:
+            buffer, layout = self._warmup_inputs(b, 1, self._pages_bucket(1, precision))
             logits_bv, hidden_bd, sampling, _, self.kv = self._call_step(layout, False, precision, buffer)
             jax.block_until_ready(sample_tokens(logits_bv, sampling, num_top_logprobs=0, with_logprobs=False,
                                                precision=precision, hidden_bd=hidden_bd, head=self._head,
                                                head_is_vd=self._head_is_vd))
+            if counter is not None:
+                counter.advance()
         return len(buffers)
 
     def _warmup_inputs(self, b: int, t: int, p: int):

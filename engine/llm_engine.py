@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from checkpoints.loader import LoadedModel
+from checkpoints.loader import LoadedModel, model_name
 from engine.batch_runner import BatchRunner
 from engine.block_manager import BlockManager
 from engine import memory
@@ -30,6 +30,7 @@ from engine.outputs import (CompletionOutput, EngineStats, ModelInfo, RejectedFi
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
+from engine.startup import StartupPhases
 from engine.text_output import TextOutput
 from model import attention, sharding
 from model.kv_cache import KVCache
@@ -107,7 +108,19 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), *,
+                 startup: StartupPhases | None = None):
+        """`startup` times the phases this does (place, compile) with the caller's others
+        (engine.startup); by default a fresh one."""
+        self.startup = startup or StartupPhases(model_name(loaded))
+        with self.startup.phase("place"):
+            self._place(loaded, config)
+        if config.warmup:
+            with self.startup.phase("compile"):
+                self.runner.warmup(Precision(config.precision), progress=self.startup.compile_progress)
+
+    def _place(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        """The weights in the engine's dtype on the mesh, the KV pool beside them, the scheduler."""
         if config.compilation_cache_dir is not None:
             enable_compilation_cache(config.compilation_cache_dir)
         self.loaded = loaded
@@ -150,8 +163,6 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0  # computed, over the engine's life
         self.num_generation_tokens = 0
-        if config.warmup:
-            self.runner.warmup(Precision(config.precision))
 
     # -- requests --------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,

@@ -163,11 +163,6 @@ class LlamaForCausalLM(nnx.Module):
         page_bt, slot_bt = write_slots(positions_bt, block_tables_bp, is_valid_bt,
                                        num_pages=kv.num_pages, page_size=kv.page_size)
         inv_freq_h = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        key_positions_s = jnp.arange(block_tables_bp.shape[1] * kv.page_size)
-        # [B, T, S]: causal, and within the sliding window when there is one.
-        is_visible_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
-        if cfg.sliding_window is not None:
-            is_visible_bts &= key_positions_s[None, None, :] > positions_bt[:, :, None] - cfg.sliding_window
 
         def layer_step(carry, layer_in):
             x, k_cache, v_cache = carry
@@ -180,8 +175,8 @@ class LlamaForCausalLM(nnx.Module):
             k_cache = write_layer(k_cache, layer, k_btkh, page_bt, slot_bt)
             v_cache = write_layer(v_cache, layer, v_btkh, page_bt, slot_bt)
             out_btd = attention.paged(q_btnh, k_cache, v_cache, layer, block_tables_bp, positions_bt,
-                                      is_visible_bts, precision=precision, backend=attention_backend,
-                                      has_sliding_window=cfg.sliding_window is not None)
+                                      sliding_window=cfg.sliding_window, precision=precision,
+                                      backend=attention_backend)
             x = _add(x, self._project_attention(out_btd, w, precision))
             return (_add(x, self._mlp(x, w, precision)), k_cache, v_cache), None
 

@@ -10,7 +10,8 @@ Where the figures come from:
   its memory (the KV pool's blocks and bytes, the weights' bytes), read at
   scrape time from the engine's latest `EngineStats` snapshot; and the
   devices' memory in use and limit, where they report it (GPUs);
-- embedding requests: latency, inputs and tokens.
+- embedding requests: latency, inputs and tokens;
+- each model's start: the seconds of each phase (engine.startup).
 
 Every series carries the served model's name as `model_name`.
 """
@@ -34,7 +35,8 @@ _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 
 
 class ServingMetrics:
-    def __init__(self, *, stats: Callable[[], list[tuple[str, EngineStats]]]):
+    def __init__(self, *, stats: Callable[[], list[tuple[str, EngineStats]]],
+                 startup: Callable[[], list[tuple[str, dict[str, float]]]] = list):
         self.registry = CollectorRegistry()
         labels = ("model_name",)
         self.time_to_first_token = Histogram(
@@ -67,6 +69,7 @@ class ServingMetrics:
             "balansis:embedding_requests", "Finished embeddings requests by outcome (ok, abort: the client "
             "left, error).", labels + ("outcome",), registry=self.registry)
         self.registry.register(_EngineCollector(stats, memory.device_memory))
+        self.registry.register(_StartupCollector(startup))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -126,6 +129,22 @@ class RequestTracker:
             if output.first_scheduled_time is not None:
                 self._metrics.queue_time.labels(model).observe(output.first_scheduled_time - output.arrival_time)
         self._metrics.count_outcome(model, reason)
+
+
+class _StartupCollector(Collector):
+    """`balansis:startup_seconds{model_name, phase}`: each finished phase of each model's start."""
+
+    def __init__(self, startup: Callable[[], list[tuple[str, dict[str, float]]]]):
+        self._startup = startup
+
+    def collect(self):
+        metric = GaugeMetricFamily("balansis:startup_seconds", "Seconds each start-up phase of a model took "
+                                   "(load, place, compile, and ready: the whole start).",
+                                   labels=["model_name", "phase"])
+        for model, phases in self._startup():
+            for phase, seconds in phases.items():
+                metric.add_metric([model, phase], seconds)
+        yield metric
 
 
 class _EngineCollector(Collector):

@@ -27,6 +27,7 @@ import jax
 import uvicorn
 
 from engine.engine_args import add_engine_arguments, engine_config_from_args
+from engine.startup import StartupPhases
 from model.pooling import PoolingMode
 from serving.state import ModelSpec, ServeConfig, ServerState
 
@@ -100,7 +101,7 @@ def _follow(args: argparse.Namespace) -> int:
     if len(specs) != 1 or specs[0].is_encoder:
         raise ValueError("a server across several processes serves one decoder model")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = specs[0].load()
+    engine = specs[0].load(StartupPhases(specs[0].name))
     logging.getLogger(__name__).info("process %d follows process 0", jax.process_index())
     engine.runner.follow()
     return 0
@@ -139,22 +140,24 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
 
 
 def _decoder_loader(path, engine_config):
-    def load():
+    def load(startup: StartupPhases):
         from checkpoints.loader import load_model
         from engine.llm_engine import LLMEngine
 
-        loaded = load_model(path, dtype=engine_config.weight_dtype(), mesh=engine_config.mesh())
-        return LLMEngine(loaded, engine_config)
+        with startup.phase("load"):
+            loaded = load_model(path, dtype=engine_config.weight_dtype(), mesh=engine_config.mesh())
+        return LLMEngine(loaded, engine_config, startup=startup)
 
     return load
 
 
 def _encoder_loader(path):
-    def load():
+    def load(startup: StartupPhases):
         from checkpoints.encoder_dir import load_encoder
         from engine.embedder import Embedder
 
-        return Embedder.for_encoder(load_encoder(path))
+        with startup.phase("load"):
+            return Embedder.for_encoder(load_encoder(path))
 
     return load
 

@@ -29,6 +29,7 @@ from engine.async_engine import AsyncEngine
 from engine.embedder import Embedder
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, ModelInfo
+from engine.startup import StartupPhases
 from model.numerics import Precision
 from model.pooling import PoolingMode
 from serving.errors import RequestError
@@ -64,7 +65,8 @@ class ModelSpec:
     """A model to serve: its name, how to load it, and what it is."""
 
     name: str  # what clients send as `model` and responses carry
-    load: Callable[[], LLMEngine | Embedder]  # an LLMEngine for a decoder, an Embedder for an encoder
+    # An LLMEngine for a decoder, an Embedder for an encoder, timing its phases in the StartupPhases.
+    load: Callable[[StartupPhases], LLMEngine | Embedder]
     is_encoder: bool = False  # embeddings only
     embedding_pooling: PoolingMode = PoolingMode.LAST  # how a decoder pools its embeddings
 
@@ -81,14 +83,14 @@ class ServedModel:
         self.load_error: Exception | None = None
         self.created = 0  # when it finished loading (Unix seconds)
         self.num_in_flight_seqs = 0  # admitted sequences (encoders: embedding requests) not yet finished
+        self.startup = StartupPhases(spec.name)  # how long each phase of its start took
 
     @property
     def can_generate(self) -> bool:
         return not self.spec.is_encoder
 
     def load(self) -> None:
-        started = time.perf_counter()
-        loaded = self.spec.load()
+        loaded = self.spec.load(self.startup)
         if isinstance(loaded, LLMEngine):
             self.engine = AsyncEngine(loaded)
             embedder = Embedder.for_decoder(loaded.loaded, pooling=self.spec.embedding_pooling,
@@ -99,7 +101,7 @@ class ServedModel:
             detail = f"{embedder.dimensions}-dimensional embeddings"
         self.embedder = AsyncEmbedder(embedder)
         self.created = int(time.time())
-        log.info("model %s ready in %.1f s (%s)", self.name, time.perf_counter() - started, detail)
+        self.startup.ready(detail)
 
     def shutdown(self) -> None:
         if self.engine is not None:
@@ -211,7 +213,7 @@ class ServerState:
         self._on_load_failure = on_load_failure
         self.is_draining = False
         self.num_admitted_requests = 0  # requests admitted and not yet done (what a drain waits for)
-        self.metrics = ServingMetrics(stats=self.stats)
+        self.metrics = ServingMetrics(stats=self.stats, startup=self.startup_seconds)
         self._loader: threading.Thread | None = None
 
     # -- loading ---------------------------------------------------------------
@@ -242,6 +244,10 @@ class ServerState:
     @property
     def load_error(self) -> Exception | None:
         return next((m.load_error for m in self.models.values() if m.load_error is not None), None)
+
+    def startup_seconds(self) -> list[tuple[str, dict[str, float]]]:
+        """Per model, the seconds of each start-up phase it has finished (engine.startup)."""
+        return [(name, model.startup.seconds) for name, model in self.models.items()]
 
     def stats(self) -> list[tuple[str, EngineStats]]:
         return [(m.name, s) for m in self.models.values() if (s := m.stats()) is not None]

@@ -40,6 +40,39 @@ def test_gguf_tokenizer_and_chat_template(smollm2):
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
+TEXTS = ["Hello world", "", "naïve café 🎉\t  spaces   and 1234567 numbers", "<|im_start|>user\nHi<|im_end|>"]
+
+
+def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(smollm2_path, tmp_path):
+    """The conversion from GGUF metadata is saved, and the saved one encodes, decodes, renders
+    chats and spells token bytes exactly as the conversion does."""
+    converted = Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path)
+    (entry,) = tmp_path.iterdir()
+    assert (entry / "tokenizer.json").is_file()
+    stamp = (entry / "tokenizer.json").stat().st_mtime_ns
+    cached = Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path)
+    assert (entry / "tokenizer.json").stat().st_mtime_ns == stamp  # read, not written again
+    for text in TEXTS:
+        assert cached.encode(text) == converted.encode(text)
+        assert cached.encode(text, add_special_tokens=False) == converted.encode(text, add_special_tokens=False)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert cached.encode_chat(messages) == converted.encode_chat(messages)
+    assert cached.chat_template == converted.chat_template
+    assert (cached.bos_token_id, cached.eos_token_id) == (converted.bos_token_id, converted.eos_token_id)
+    ids = range(0, 49152, 101)
+    assert [cached.token_bytes(i) for i in ids] == [converted.token_bytes(i) for i in ids]
+    assert cached.decode(list(ids), skip_special_tokens=False) == converted.decode(list(ids), skip_special_tokens=False)
+
+
+def test_a_damaged_tokenizer_cache_entry_is_converted_again(smollm2_path, tmp_path):
+    reference = Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path)
+    (entry,) = tmp_path.iterdir()
+    (entry / "tokenizer.json").write_text("{not json")
+    again = Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path)
+    assert again.encode(TEXTS[2]) == reference.encode(TEXTS[2])
+    assert Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path).encode(TEXTS[2]) == reference.encode(TEXTS[2])
+
+
 def test_folder_without_tokenizer(tmp_path):
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         Tokenizer.from_folder(tmp_path)

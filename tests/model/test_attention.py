@@ -1,5 +1,6 @@
-"""The attention kernels (Pallas in interpret mode off a GPU; the fused dense prefill) against
-the gather path, on random caches whose page tables are in random order."""
+"""The attention kernels (Pallas in interpret mode off a GPU; the fused dense prefill) and the
+blockwise online softmax against the gather path, on random caches whose page tables are in
+random order."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from model import attention
 from model.attention import AttentionBackend
+from model.kv_cache import read_layer
 from model.numerics import Precision
 
 PAGE_SIZE = 16
@@ -30,16 +32,19 @@ def _tables(rng, batch: int, width: int) -> np.ndarray:
     return np.stack([rng.permutation(NUM_PAGES)[:width] for _ in range(batch)]).astype(np.int32)
 
 
-def _visible(positions_bt: np.ndarray, width: int) -> jnp.ndarray:
-    keys_s = np.arange(width * PAGE_SIZE)
-    return jnp.asarray(keys_s[None, None, :] <= positions_bt[:, :, None])
-
-
-def _attend(backend, q_btnh, k, v, tables_bp, positions_bt, precision=Precision.STANDARD):
+def _attend(backend, q_btnh, k, v, tables_bp, positions_bt, precision=Precision.STANDARD, sliding_window=None):
     return np.asarray(attention.paged(
         jnp.asarray(q_btnh), k, v, jnp.int32(0), jnp.asarray(tables_bp), jnp.asarray(positions_bt),
-        _visible(positions_bt, tables_bp.shape[1]), precision=precision, backend=backend,
-        has_sliding_window=False))
+        sliding_window=sliding_window, precision=precision, backend=backend))
+
+
+def _gathered(q_btnh, k, v, tables_bp, positions_bt, sliding_window=None):
+    """The reference: every key of the table gathered, one softmax over them."""
+    tables = jnp.asarray(tables_bp)
+    visible = attention.visible_keys(jnp.asarray(positions_bt), tables_bp.shape[1] * PAGE_SIZE, sliding_window)
+    return np.asarray(attention.gathered(jnp.asarray(q_btnh), read_layer(k, jnp.int32(0), tables),
+                                         read_layer(v, jnp.int32(0), tables), visible,
+                                         precision=Precision.STANDARD))
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
@@ -53,7 +58,7 @@ def test_decode_kernel_matches_the_gather_path(group, batch, width):
     positions = np.minimum(np.asarray(lengths[:batch]), width * PAGE_SIZE)[:, None] - 1
     q = rng.standard_normal((batch, 1, NUM_KV_HEADS * group, HEAD_DIM)).astype(np.float32)
     kernel = _attend(AttentionBackend.PALLAS, q, k, v, tables, positions)
-    reference = _attend(AttentionBackend.XLA, q, k, v, tables, positions)
+    reference = _gathered(q, k, v, tables, positions)
     np.testing.assert_allclose(kernel, reference, atol=TOLERANCE, rtol=0)
 
 
@@ -89,7 +94,7 @@ def test_prefill_chunk_matches_the_gather_path(group, chunk_start, chunk_len, wi
     positions[-1, chunk_len // 2:] = positions[-1, chunk_len // 2 - 1]
     q = rng.standard_normal((batch, chunk_len, NUM_KV_HEADS * group, HEAD_DIM)).astype(np.float32)
     kernel = _attend(AttentionBackend.PALLAS, q, k, v, tables, positions)
-    reference = _attend(AttentionBackend.XLA, q, k, v, tables, positions)
+    reference = _gathered(q, k, v, tables, positions)
     np.testing.assert_allclose(kernel, reference, atol=TOLERANCE, rtol=0)
 
 
@@ -101,7 +106,7 @@ def test_bfloat16_cache_decodes_close_to_float32():
     positions = np.asarray([[0], [15], [16], [127]])
     q = rng.standard_normal((4, 1, NUM_KV_HEADS * 3, HEAD_DIM)).astype(np.float32)
     kernel = _attend(AttentionBackend.PALLAS, q, k, v, tables, positions)
-    reference = _attend(AttentionBackend.XLA, q, k.astype(jnp.float32), v.astype(jnp.float32), tables, positions)
+    reference = _gathered(q, k.astype(jnp.float32), v.astype(jnp.float32), tables, positions)
     # Queries rounded to bfloat16 (8 bits) before the scores: about 2**-8 relative.
     np.testing.assert_allclose(kernel, reference, atol=0.05, rtol=0)
 
@@ -112,6 +117,38 @@ def test_the_kernels_refuse_compensated_precision():
     q = rng.standard_normal((1, 1, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
     with pytest.raises(ValueError, match="STANDARD"):
         _attend(AttentionBackend.PALLAS, q, k, v, _tables(rng, 1, 1), np.zeros((1, 1), int), Precision.HIGH)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("batch,width,chunk_len", [(1, 1, 1), (4, 8, 1), (8, 32, 1), (3, 4, 16), (2, 16, 64)])
+@pytest.mark.parametrize("sliding_window", [None, 40])
+def test_blockwise_matches_the_gather_path(group, batch, width, chunk_len, sliding_window):
+    """Decodes and prompt chunks at any offset, rows of different reach (a whole block
+    short of the table, a page exactly, one past a page), with and without a window."""
+    rng = np.random.default_rng(group * 10 + width + chunk_len)
+    k, v = _cache(rng)
+    tables = _tables(rng, batch, width)  # widths of part blocks too
+    ends = rng.integers(chunk_len, width * PAGE_SIZE + 1, batch)
+    ends[0] = width * PAGE_SIZE
+    if batch > 2:
+        ends[1], ends[2] = max(PAGE_SIZE, chunk_len), max(PAGE_SIZE + 1, chunk_len)
+    positions = ends[:, None] - chunk_len + np.arange(chunk_len)[None, :]
+    q = rng.standard_normal((batch, chunk_len, NUM_KV_HEADS * group, HEAD_DIM)).astype(np.float32)
+    blocks = _attend(AttentionBackend.XLA, q, k, v, tables, positions, sliding_window=sliding_window)
+    reference = _gathered(q, k, v, tables, positions, sliding_window)
+    np.testing.assert_allclose(blocks, reference, atol=TOLERANCE, rtol=0)
+
+
+def test_a_blockwise_row_has_the_same_bits_however_far_its_batch_reaches():
+    """The loop runs the blocks the longest row reaches; the blocks a shorter row does not
+    reach leave its running sums exactly as they were."""
+    rng = np.random.default_rng(11)
+    k, v = _cache(rng)
+    tables = _tables(rng, 2, 32)
+    q = rng.standard_normal((2, 1, NUM_KV_HEADS * 3, HEAD_DIM)).astype(np.float32)
+    short = _attend(AttentionBackend.XLA, q, k, v, tables, np.asarray([[20], [30]]))
+    long = _attend(AttentionBackend.XLA, q, k, v, tables, np.asarray([[20], [32 * PAGE_SIZE - 1]]))
+    np.testing.assert_array_equal(short[0], long[0])
 
 
 @pytest.mark.parametrize("choice,precision,platform,expected", [

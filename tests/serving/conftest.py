@@ -78,7 +78,7 @@ class LiveServer:
 
 def start_server(loaded, *, engine_config: EngineConfig = ENGINE_CONFIG, wait_ready: bool = True,
                  **serve_config) -> LiveServer:
-    state = ServerState(ServeConfig(**serve_config), [ModelSpec(MODEL, lambda: LLMEngine(loaded, engine_config))])
+    state = ServerState(ServeConfig(**serve_config), [ModelSpec(MODEL, lambda startup: LLMEngine(loaded, engine_config, startup=startup))])
     return LiveServer(state).start(wait_ready=wait_ready)
 
 

@@ -37,8 +37,8 @@ def minilm(minilm_folder):
 
 @pytest.fixture(scope="module")
 def two_models(tiny_loaded, minilm):
-    specs = [ModelSpec(MODEL, lambda: LLMEngine(tiny_loaded, ENGINE_CONFIG)),
-             ModelSpec(MINILM, lambda: Embedder.for_encoder(minilm), is_encoder=True)]
+    specs = [ModelSpec(MODEL, lambda startup: LLMEngine(tiny_loaded, ENGINE_CONFIG, startup=startup)),
+             ModelSpec(MINILM, lambda startup: Embedder.for_encoder(minilm), is_encoder=True)]
     server = LiveServer(ServerState(ServeConfig(), specs)).start()
     yield server
     server.stop()

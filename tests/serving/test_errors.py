@@ -431,7 +431,7 @@ SMALL_ENGINE = EngineConfig(max_model_len=512, max_num_seqs=2, max_num_batched_t
 def test_not_ready_while_loading_is_503(tiny_loaded):
     release = threading.Event()
 
-    def load() -> LLMEngine:
+    def load(startup) -> LLMEngine:
         release.wait()
         return LLMEngine(tiny_loaded, SMALL_ENGINE)
 
@@ -464,7 +464,7 @@ def test_not_ready_while_loading_is_503(tiny_loaded):
 def test_failed_load_is_503_on_ready_and_health():
     release = threading.Event()
 
-    def load() -> LLMEngine:
+    def load(startup) -> LLMEngine:
         # LiveServer.start waits for /health to answer 200: fail only after it has.
         release.wait()
         raise RuntimeError("no weights here")
