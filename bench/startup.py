@@ -4,7 +4,8 @@
     python -m bench.startup --peers vllm    # and vLLM's CPU backend's time to ready, in the same run
 
 Each start runs the server as a user would (default flags: the full warm-up) with its own
-compilation cache folder, emptied first for the cold start and kept for the warm one, and
+cache folder (XDG_CACHE_HOME: compiled programs, converted GGUF tokenizers), empty for the
+cold start and kept for the warm one, and
 measures spawn to /ready 200 at the client. The server's `balansis:startup_seconds` gauge
 gives each phase (load, place, compile, ready), its log the number of programs compiled.
 After ready, one chat completion per prompt length (short, 200 and 1000 tokens, and 64 at
@@ -79,6 +80,8 @@ def main(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(tempfile.mkdtemp(prefix="balansis-startup-cache-"))
+    # Every cache the server keeps (compiled programs, converted tokenizers) starts empty.
+    os.environ["XDG_CACHE_HOME"] = str(cache_dir)
     runs = []
     try:
         for attempt in ("cold", "warm"):

@@ -4,6 +4,8 @@ after warm-up."""
 
 from __future__ import annotations
 
+import logging
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,6 +84,7 @@ def test_nothing_compiles_after_warmup(tiny_loaded, attention_backend):
                                                  warmup=True, attention_backend=attention_backend))
     # Every bucketed forward compiled ahead, from shapes, into the runner's table; none through jit.
     assert len(engine.runner._compiled) == len(engine.runner.bucket_shapes())
+    assert set(engine.startup.seconds) == {"place", "compile"}
     compiled = engine.runner._step._cache_size()
     compiled_samplers = sample_tokens._cache_size()
     tokenizer = tiny_loaded.tokenizer
@@ -97,3 +100,19 @@ def test_nothing_compiles_after_warmup(tiny_loaded, attention_backend):
     assert engine.runner._step._cache_size() == compiled
     assert len(engine.runner._compiled) == len(engine.runner.bucket_shapes())
     assert sample_tokens._cache_size() == compiled_samplers
+
+
+def test_the_warmup_reports_each_program_compiled(tiny_loaded, caplog):
+    """Off a terminal the compile's progress is a log line per tenth, ending at M/M programs, and
+    at STANDARD on the XLA path the page count is no compile axis: one table width for all."""
+    with caplog.at_level(logging.INFO, logger="balansis.startup"):
+        engine = LLMEngine(tiny_loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96,
+                                                     warmup=True, attention_backend="xla"))
+    shapes = engine.runner.bucket_shapes()
+    assert len({p for _, _, p in shapes}) == 1
+    num_samplers = 3  # B = 1, 2, 4
+    total = len(shapes) + num_samplers
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.endswith(f"compiling {total} programs") for m in messages)
+    assert any(m.endswith(f"compiled {total}/{total} programs") for m in messages)
+    assert any(" compile in " in m for m in messages) and any(" place in " in m for m in messages)

@@ -115,6 +115,15 @@ def test_metrics_expose_every_family(live_server):
     assert (PREFIX + "device_memory_used_bytes" in families) == (jax.devices()[0].platform == "gpu")
 
 
+def test_startup_phases_are_exported(live_server):
+    """Each finished phase of the model's start, in seconds: the live server places the weights
+    and does not warm up, so no compile phase; ready is the whole start."""
+    families = scrape(live_server)
+    phases = {s.labels["phase"]: s.value for s in families[PREFIX + "startup_seconds"].samples}
+    assert set(phases) == {"place", "ready"}
+    assert 0 < phases["place"] <= phases["ready"]
+
+
 def test_memory_figures_are_the_engines(live_server, tiny_loaded):
     """The pool's blocks and bytes and the weights' bytes, as the engine allocated them (float32 on a CPU)."""
     families = scrape(live_server)
