@@ -55,12 +55,12 @@ class Tokenizer:
             raise CheckpointError(f"{path}: reading a GGUF tokenizer needs PyTorch (the CPU build is "
                                   f"enough): pip install 'balansis[gguf]'")
         tokenizer = cls(_load(str(path.parent), gguf_file=path.name), source=str(path))
+        partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
         try:
-            partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
             tokenizer.save(partial)
             shutil.rmtree(cached, ignore_errors=True)
             partial.rename(cached)  # whole or not at all, when several processes start at once
-        except OSError:
+        except Exception:  # noqa: BLE001 — a cache that cannot be written never fails the load
             shutil.rmtree(partial, ignore_errors=True)
         return tokenizer
 

@@ -114,3 +114,10 @@ def test_token_bytes_of_a_sentencepiece_style_tokenizer(tmp_path):
     ids = tokenizer.encode("hi é", add_special_tokens=False)
     assert ids == [263, 259, 3 + 0xC3, 3 + 0xA9]
     assert [tokenizer.token_bytes(i) for i in ids] == [b" hi", b" ", b"\xc3", b"\xa9"]
+
+
+def test_an_unwritable_tokenizer_cache_only_costs_the_conversion(smollm2_path, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    tokenizer = Tokenizer.from_gguf(smollm2_path, cache_dir=blocked / "cache")
+    assert tokenizer.encode("Hello world") == [19556, 905]
