@@ -8,11 +8,11 @@ rows to powers of two and tokens to multiples of EMBED_TOKEN_STEP.
 from __future__ import annotations
 
 
-def bucket(n: int, *, minimum: int = 1) -> int:
-    """Smallest power of two ≥ max(n, minimum): the padded size XLA compiles for."""
+def bucket(n: int, *, minimum: int = 1, factor: int = 2) -> int:
+    """Smallest `minimum`·factor^k ≥ n (a power of two by default): the padded size XLA compiles for."""
     size = minimum
     while size < n:
-        size *= 2
+        size *= factor
     return size
 
 
