@@ -14,7 +14,7 @@ from engine import memory
 from engine.compilation_cache import default_cache_dir
 from engine.distributed import add_distributed_arguments
 from engine.llm_engine import EngineConfig
-from model import attention
+from model import attention, quantization
 from model.numerics import Precision
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
@@ -58,6 +58,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-dtype", choices=memory.DTYPES, default=defaults.kv_cache_dtype,
                        help="of the KV cache, which is sized from it: auto (bfloat16 on a GPU, float32 "
                             "elsewhere), float32 or bfloat16 (default: %(default)s)")
+    group.add_argument("--quantization", choices=quantization.CHOICES, default=defaults.quantization,
+                       help="of the weights: none; int8 (per-channel int8 matrices, embedding and LM head, a "
+                            "quarter of float32's bytes; activations stay float); or int8-dynamic (also the "
+                            "activations per token from 32 rows: faster under load, less accurate). Every "
+                            "precision level computes with the int8 weights (default: %(default)s)")
     group.add_argument("--precision", choices=[p.value for p in Precision], default=defaults.precision,
                        help="numerics level of requests that do not choose one: standard (plain float32 "
                             "here), high (compensated, batch-invariant) or ultra (also error-free matmuls "
@@ -90,7 +95,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
         precision=args.precision, attention_backend=args.attention_backend, dtype=args.dtype,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         warmup=args.warmup,
         compilation_cache_dir=None if args.no_compilation_cache else args.compilation_cache)

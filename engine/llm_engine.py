@@ -32,10 +32,11 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
 from engine.startup import StartupPhases
 from engine.text_output import TextOutput
-from model import attention, sharding
+from model import attention, quantization, sharding
 from model.kv_cache import KVCache
 from model.llama import LlamaForCausalLM
 from model.numerics import Precision
+from model.quantization import Quantization
 
 
 
@@ -64,6 +65,10 @@ class EngineConfig:
     # Attention (model.attention): auto (the kernels on a GPU at standard precision, the gather
     # path elsewhere), xla (always the gather path) or pallas (the kernels; interpreted off a GPU).
     attention_backend: str = "auto"
+    # Weight quantisation (model.quantization): none, int8 (per-channel int8 matrices, embedding
+    # and LM head; norms, biases, the KV cache and activations keep `dtype`) or int8-dynamic
+    # (also the activations per token where that is faster).
+    quantization: str = "none"
     warmup: bool = False  # compile every bucketed program at start (at `precision`)
     compilation_cache_dir: str | None = None  # JAX's persistent cache; None: off
 
@@ -91,6 +96,8 @@ class EngineConfig:
             raise ValueError(f"precision must be one of {[p.value for p in Precision]}, got {self.precision!r}")
         for name in (self.dtype, self.kv_cache_dtype):
             memory.resolve_dtype(name, "cpu")  # validates
+        if self.quantization not in quantization.CHOICES:
+            raise ValueError(f"quantization must be one of {quantization.CHOICES}, got {self.quantization!r}")
         if self.attention_backend not in attention.CHOICES:
             raise ValueError(f"attention_backend must be one of {attention.CHOICES}, got {self.attention_backend!r}")
 
@@ -123,7 +130,6 @@ class LLMEngine:
         """The weights in the engine's dtype on the mesh, the KV pool beside them, the scheduler."""
         if config.compilation_cache_dir is not None:
             enable_compilation_cache(config.compilation_cache_dir)
-        self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         cfg = loaded.config
         self.config = config
@@ -132,8 +138,10 @@ class LLMEngine:
         # What callers check requests against (serving reads these, never the config).
         self.info = ModelInfo(tokenizer=self.tokenizer, vocab_size=cfg.vocab_size, max_model_len=self.max_model_len)
         self.mesh = config.mesh()
-        model = _with_dtype(loaded.model, config.weight_dtype())
+        model = _with_dtype(loaded.model, config.weight_dtype()).quantized(Quantization(config.quantization))
         sharding.shard_model(model, self.mesh)  # first: the KV budget is what the weights leave
+        # What this engine runs (the embedder reads it too); the caller's float copy can go.
+        self.loaded = loaded = dataclasses.replace(loaded, model=model)
         self.weight_bytes = memory.tree_bytes(nnx.state(model))
         self.kv_dtype = config.cache_dtype()
         # The budget is per device; a device holds its share of the KV heads.

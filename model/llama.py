@@ -28,10 +28,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import attention, numerics
+from model import quantization as q8
 from model.attention import AttentionBackend
 from model.config import DecoderConfig
-from model.numerics import Precision
 from model.kv_cache import KVCache, write_layer, write_slots
+from model.numerics import Precision
+from model.quantization import Int8Weight, Quantization
 from model.rope import apply_rope, inverse_frequencies
 
 # Names of the stacked per-layer weights, in the order the scan body reads them.
@@ -48,6 +50,10 @@ LAYER_WEIGHTS = (
     "down_proj",           # [L, F, D]
 )
 QKV_BIASES = ("q_bias", "k_bias", "v_bias")  # [L, N*H], [L, K*H], [L, K*H]
+# The matrices; under int8 quantisation each is int8 with a float32 `{name}_scale` per output
+# column ([L, out]; the embedding's and LM head's: [V]).
+MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCALE_SUFFIX = "_scale"
 
 
 def layer_weight_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -111,7 +117,7 @@ def _project_out(x_btf: jax.Array, w_fd: jax.Array, precision: Precision):
 class DecoderLayers(nnx.Module):
     """All decoder layers' weights, stacked on a leading layer axis."""
 
-    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, quantization: Quantization, rngs: nnx.Rngs):
         for name, shape in layer_weight_shapes(cfg).items():
             if name.endswith("norm"):
                 value = jnp.ones(shape, dtype)
@@ -119,25 +125,69 @@ class DecoderLayers(nnx.Module):
                 value = jnp.zeros(shape, dtype)
             else:
                 value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+            if name in MATRICES and quantization is not Quantization.NONE:
+                value, scale = q8.quantize(value)
+                setattr(self, name + SCALE_SUFFIX, nnx.Param(scale))
             setattr(self, name, nnx.Param(value))
+        self.quantization = quantization
 
-    def weights(self) -> dict[str, jax.Array]:
+    def weights(self) -> dict[str, jax.Array | Int8Weight]:
+        """Every stacked weight by name; a quantised matrix as an Int8Weight."""
         names = [n for n in LAYER_WEIGHTS + QKV_BIASES if hasattr(self, n)]
-        return {n: getattr(self, n)[...] for n in names}
+        return {n: _weight(self, n, self.quantization.dynamic_from_rows) for n in names}
+
+
+def _weight(module: nnx.Module, name: str, dynamic_from_rows: int | None = None) -> jax.Array | Int8Weight:
+    """`module.name`, with its scale as an Int8Weight when it has one."""
+    value = getattr(module, name)[...]
+    scale = getattr(module, name + SCALE_SUFFIX, None)
+    return value if scale is None else Int8Weight(value, scale[...], dynamic_from_rows)
 
 
 class LlamaForCausalLM(nnx.Module):
     """Token ids in, final-normed hidden states out; `logits` applies the LM head."""
 
-    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32,
+                 quantization: Quantization = Quantization.NONE, rngs: nnx.Rngs):
         self.config = cfg
-        self.embed_tokens = nnx.Param(  # [V, D]
-            0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = DecoderLayers(cfg, dtype=dtype, rngs=rngs)
+        self.quantization = quantization
+        embed = 0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype)
+        if quantization is not Quantization.NONE:  # one scale per token: a row here, a column of the tied head
+            embed, scale = q8.quantize(embed, axis=-1)
+            self.embed_tokens_scale = nnx.Param(scale)  # [V]
+        self.embed_tokens = nnx.Param(embed)  # [V, D]
+        self.layers = DecoderLayers(cfg, dtype=dtype, quantization=quantization, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))  # [D]
         if not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Param(  # [D, V]
-                0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype))
+            head = 0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype)
+            if quantization is not Quantization.NONE:
+                head, scale = q8.quantize(head)
+                self.lm_head_scale = nnx.Param(scale)  # [V]
+            self.lm_head = nnx.Param(head)  # [D, V]
+
+    def quantized(self, quantization: Quantization) -> LlamaForCausalLM:
+        """A copy of this model with its matrices, embedding and LM head quantised
+        (model.quantization); itself when already so. Norms and biases are shared, not copied.
+        The float weights stay as long as this model does: the caller drops it."""
+        if quantization is self.quantization:
+            return self
+        if self.quantization is not Quantization.NONE:
+            raise ValueError(f"the model is already quantised ({self.quantization.value})")
+        out = nnx.eval_shape(lambda: LlamaForCausalLM(self.config, dtype=self.final_norm[...].dtype,
+                                                      quantization=quantization, rngs=nnx.Rngs(0)))
+        quantize = jax.jit(q8.quantize, static_argnames="axis")
+        pairs = [(self, out, name) for name in ("embed_tokens", "final_norm", "lm_head")]
+        pairs += [(self.layers, out.layers, name) for name in LAYER_WEIGHTS + QKV_BIASES]
+        for source, target, name in pairs:
+            if not hasattr(source, name):
+                continue
+            value = getattr(source, name)[...]
+            if hasattr(target, name + SCALE_SUFFIX):
+                ints, scale = quantize(value, axis=-1 if name == "embed_tokens" else -2)
+                getattr(target, name + SCALE_SUFFIX).set_value(scale)
+                value = ints
+            getattr(target, name).set_value(value)
+        return out
 
     def __call__(self, token_ids_bt: jax.Array, positions_bt: jax.Array, kv: KVCache,
                  block_tables_bp: jax.Array, is_valid_bt: jax.Array, *,
@@ -219,7 +269,11 @@ class LlamaForCausalLM(nnx.Module):
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, precision)
 
     def _embed(self, token_ids_bt, precision):
-        x_btd = self.embed_tokens[...][token_ids_bt]
+        if self.quantization is not Quantization.NONE:
+            x_btd = q8.embed(self.embed_tokens[...], self.embed_tokens_scale[...], token_ids_bt,
+                                       self.final_norm[...].dtype)
+        else:
+            x_btd = self.embed_tokens[...][token_ids_bt]
         return x_btd.astype(jnp.float32) if precision.is_compensated else x_btd
 
     def _project_qkv(self, h_btd, w, positions_bt, inv_freq_h, precision):
@@ -236,7 +290,7 @@ class LlamaForCausalLM(nnx.Module):
     def _project_attention(self, out_btd, w, precision):
         """Attention's output `[B, T, N·H]` (a double-word under ULTRA) through o_proj: `[B, T, D]`."""
         if precision is Precision.STANDARD:
-            out_btd = out_btd.astype(w["o_proj"].dtype)
+            out_btd = out_btd.astype(w["input_norm"].dtype)  # the model's dtype
         return _project_out(out_btd, w["o_proj"], precision)
 
     def _mlp(self, x_btd, w, precision):
@@ -257,19 +311,33 @@ class LlamaForCausalLM(nnx.Module):
         (STANDARD: accumulated in float32 whatever the weights' dtype; HIGH and ULTRA: exact products,
         from `sliced["lm_head"]` when given)."""
         if precision is Precision.STANDARD:
-            return jnp.matmul(hidden_xd, self.lm_head_weights(), preferred_element_type=jnp.float32)
+            head = self.lm_head_weights()
+            if isinstance(head, Int8Weight):  # int8 activations at every row count (model.quantization)
+                return q8.matmul(hidden_xd.astype(jnp.float32), head, dynamic=True)
+            return jnp.matmul(hidden_xd, head, preferred_element_type=jnp.float32)
         head = (sliced or {}).get("lm_head", self.lm_head_weights())
         return numerics.matmul(hidden_xd, head, precision=precision)
 
     def slice_weights(self, *, integer_dots: bool = False) -> dict[str, numerics.SlicedWeight]:
         """Every matrix HIGH and ULTRA multiply by (the layers' stacked, and the LM head), cut once
         into their slices (numerics.SlicedWeight) for `__call__` and `logits` to take."""
+        def cut(w):  # a quantised matrix keeps its scales beside its integers' slices
+            if isinstance(w, Int8Weight):
+                return Int8Weight(numerics.slice_weight(w.ints, integer_dots=integer_dots), w.scale,
+                                  w.dynamic_from_rows)
+            return numerics.slice_weight(w, integer_dots=integer_dots)
+
         layers = self.layers.weights()
-        out = {name: numerics.slice_weight(layers[name], integer_dots=integer_dots)
-               for name in LAYER_WEIGHTS if not name.endswith("norm")}
-        out["lm_head"] = numerics.slice_weight(self.lm_head_weights(), integer_dots=integer_dots)
+        out = {name: cut(layers[name]) for name in MATRICES}
+        out["lm_head"] = cut(self.lm_head_weights())
         return out
 
-    def lm_head_weights(self) -> jax.Array:
-        """`[D, V]`: the tied embedding's transpose, or the LM head."""
-        return self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+    def lm_head_weights(self) -> jax.Array | Int8Weight:
+        """`[D, V]`: the tied embedding's transpose, or the LM head (an Int8Weight when quantised)."""
+        if self.config.tie_word_embeddings:
+            return _weight_transposed(self) if self.quantization is not Quantization.NONE else self.embed_tokens[...].T
+        return _weight(self, "lm_head")
+
+
+def _weight_transposed(model: LlamaForCausalLM) -> Int8Weight:
+    return Int8Weight(model.embed_tokens[...].T, model.embed_tokens_scale[...])

@@ -42,6 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import quantization
+from model.quantization import Int8Weight
+
 
 class Precision(enum.Enum):
     STANDARD = "standard"
@@ -340,10 +343,13 @@ class SlicedWeight:
 
 
 def slice_weight(w: jax.Array, *, integer_dots: bool = False) -> SlicedWeight:
-    """`w` `[..., K, N]` in EXACT_MAX_SLICES int8 slices per chunk and column."""
-    ints, exponent = _slice_ints(_k_chunks(w.astype(jnp.float32), -2), axis=-2, count=EXACT_MAX_SLICES)
+    """`w` `[..., K, N]` in EXACT_MAX_SLICES int8 slices per chunk and column; an int8 matrix
+    (quantisation's integers) in one, which holds it exactly: |q| < 2**e with e ≤ 7, so
+    q · 2**(7 − e) is an integer below 2**7."""
+    count = 1 if w.dtype == jnp.int8 else EXACT_MAX_SLICES
+    ints, exponent = _slice_ints(_k_chunks(w.astype(jnp.float32), -2), axis=-2, count=count)
     high = _HIGH_BF16_WEIGHT_SLICES if w.dtype == jnp.bfloat16 else EXACT_SLICES[Precision.HIGH][1]
-    return SlicedWeight(jnp.moveaxis(ints, 0, -4).astype(jnp.int8), exponent, high, integer_dots)
+    return SlicedWeight(jnp.moveaxis(ints, 0, -4).astype(jnp.int8), exponent, min(high, count), integer_dots)
 
 
 def matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array | SlicedWeight, *,
@@ -355,9 +361,10 @@ def matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array | SlicedWeig
     error-free products (see EXACT_CHUNK), whose result does not depend on
     the matmul's order of accumulation, so it is the same whatever the batch.
     A SlicedWeight says whether the slices' dots run in int8 or float32 (the same bits).
+    An Int8Weight (model.quantization) multiplies as its integers times its scales.
     """
     if precision is Precision.STANDARD:
-        return x @ w
+        return quantization.matmul(x, w) if isinstance(w, Int8Weight) else x @ w
     return exact_matmul(x, w, precision=precision)[0]
 
 
@@ -369,11 +376,17 @@ def exact_matmul(x: jax.Array | tuple[jax.Array, jax.Array], w: jax.Array | Slic
     error-free matmul (a plain one would round in an order that depends on
     the batch) and is added on.
     """
+    if isinstance(w, Int8Weight):
+        # The integers' exact product, then each column times its scale: elementwise, so the
+        # result is as batch-invariant as the product (the scale has no low part).
+        hi, lo = exact_matmul(x, w.ints, precision=precision)
+        return double_word_mul(hi, lo, w.scale, jnp.zeros_like(w.scale))
     x_hi, x_lo = x if isinstance(x, tuple) else (x, None)
     sliced = w if isinstance(w, SlicedWeight) else slice_weight(w)
     x_count, w_count = EXACT_SLICES[precision]
     if precision is Precision.HIGH:
         w_count = sliced.high_slices
+    w_count = min(w_count, sliced.ints.shape[-4])  # one slice holds an int8 matrix
     x_ints, x_exponent = _slice_ints(_k_chunks(x_hi.astype(jnp.float32), -1), axis=-1, count=x_count)
     # One dot per weight slice, each over a contiguous [G, C, N] block with the chunk axis G as
     # the batch: as one einsum over all slices, XLA:CPU transposed the whole slice stack each call.

@@ -53,6 +53,14 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.up_proj": ("layers", "embed", "mlp"),
     "layers.down_proj": ("layers", "mlp", "embed"),
 }
+# Int8 quantisation's scales (model.quantization): one per output column, split as the columns.
+PARAM_AXES.update({
+    "embed_tokens_scale": ("vocab",), "lm_head_scale": ("vocab",),
+    "layers.q_proj_scale": ("layers", "heads"), "layers.k_proj_scale": ("layers", "kv_heads"),
+    "layers.v_proj_scale": ("layers", "kv_heads"), "layers.o_proj_scale": ("layers", "embed"),
+    "layers.gate_proj_scale": ("layers", "mlp"), "layers.up_proj_scale": ("layers", "mlp"),
+    "layers.down_proj_scale": ("layers", "embed"),
+})
 
 # The KV cache [layers, kv_heads, pages, page_slots, head_dim] (model.kv_cache).
 KV_CACHE_AXES = ("layers", "kv_heads", "pages", "page_slots", "head_dim")
