@@ -2,6 +2,7 @@
 
     python -m bench.roofline                                   # shapes that fit; batch 1 and 64; every backend
     python -m bench.roofline --shapes smollm2-135m --batches 1 --backends xla
+    python -m bench.roofline --batches 1 4 16 64 --quantizations none int8 int8-dynamic
 
 Random-weight Llama shapes (SmolLM2-135M, a Llama-3.2-1B shape, a Llama-3-8B
 shape; a shape whose weights and cache would not fit in 80% of the device's
@@ -16,6 +17,9 @@ program the engine runs per step, without the sampler.
   step time / the device's bandwidth. The ceiling beside it is the tok/s at
   which that traffic would take the device's whole bandwidth (batch-1 decode
   of an 8B bfloat16 model on an H200, 4.8 TB/s: about 300 tok/s).
+- `--quantizations`: the same weights as float, and int8 with float or
+  per-token int8 activations (model.quantization); MBU counts the bytes
+  each actually reads.
 - Prefill: one row of `--prefill-tokens` tokens from position 0. Model-FLOP
   utilisation (MFU) = (2 · matmul weights · tokens + causal attention's
   4 · layers · heads · head_dim · T(T+1)/2) / time / the device's peak.
@@ -68,6 +72,7 @@ class Row:
     shape: str
     phase: str  # decode or prefill
     backend: str
+    quantization: str
     batch: int
     tokens: int  # context (decode) or prompt length (prefill)
     seconds: float  # one step (decode) or the whole prefill
@@ -172,12 +177,14 @@ def run_shape(shape: str, args, dtype, kv_dtype, limits: dict, rows: list[Row]) 
 
     from model.attention import AttentionBackend
     from model.kv_cache import KVCache
+    from model.quantization import Quantization
 
-    cfg, model = build(shape, dtype)
-    weights_read = weight_bytes_per_step(model)
-    graphdef, state = nnx.split(model)
+    cfg, float_model = build(shape, dtype)
     kv_itemsize = jnp.dtype(kv_dtype).itemsize
-    for backend_name in args.backends:
+    for quantization, backend_name in ((q, b) for q in args.quantizations for b in args.backends):
+        model = float_model.quantized(Quantization(quantization))
+        weights_read = weight_bytes_per_step(model)
+        graphdef, state = nnx.split(model)
         backend = AttentionBackend(backend_name)
         forward = forward_function(graphdef, backend)
         for batch in args.batches:
@@ -191,7 +198,7 @@ def run_shape(shape: str, args, dtype, kv_dtype, limits: dict, rows: list[Row]) 
                                        timed=args.steps)
             kv_read = batch * (args.context + 1) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
             traffic = weights_read + kv_read
-            rows.append(Row(shape, "decode", backend_name, batch, args.context, step, batch / step,
+            rows.append(Row(shape, "decode", backend_name, quantization, batch, args.context, step, batch / step,
                             traffic / step / limits["bytes_per_s"], batch * limits["bytes_per_s"] / traffic))
             print(_format(rows[-1]), flush=True)
             del kv
@@ -207,7 +214,7 @@ def run_shape(shape: str, args, dtype, kv_dtype, limits: dict, rows: list[Row]) 
         # Every token through the layers, the LM head at the last one only, causal attention.
         flops = 2 * layer_matmul_weights(cfg) * t + 2 * cfg.hidden_size * cfg.vocab_size \
             + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * (t + 1) // 2
-        rows.append(Row(shape, "prefill", backend_name, 1, t, seconds, t / seconds,
+        rows.append(Row(shape, "prefill", backend_name, quantization, 1, t, seconds, t / seconds,
                         flops / seconds / limits["flops_per_s"], t * limits["flops_per_s"] / flops))
         print(_format(rows[-1]), flush=True)
         del kv
@@ -232,14 +239,14 @@ def fits(shape: str, args, dtype, kv_dtype) -> bool:
 
 def _format(row: Row) -> str:
     kind = "MBU" if row.phase == "decode" else "MFU"
-    return (f"{row.shape:13s} {row.phase:7s} {row.backend:6s} B={row.batch:<3d} tokens={row.tokens:<5d} "
+    return (f"{row.shape:13s} {row.phase:7s} {row.backend:6s} {row.quantization:12s} B={row.batch:<3d} tokens={row.tokens:<5d} "
             f"{row.seconds * 1e3:9.2f} ms  {row.tokens_per_s:10.1f} tok/s  {kind} {row.utilisation:6.1%}  "
             f"ceiling {row.ceiling_tokens_per_s:10.1f} tok/s")
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("shape", "phase", "backend", "batch", "tokens", "ms", "tok/s", "MBU / MFU", "ceiling tok/s")
-    lines = [header] + [(r.shape, r.phase, r.backend, str(r.batch), str(r.tokens), f"{r.seconds * 1e3:.2f}",
+    header = ("shape", "phase", "backend", "weights", "batch", "tokens", "ms", "tok/s", "MBU / MFU", "ceiling tok/s")
+    lines = [header] + [(r.shape, r.phase, r.backend, r.quantization, str(r.batch), str(r.tokens), f"{r.seconds * 1e3:.2f}",
                          f"{r.tokens_per_s:.1f}", f"{r.utilisation:.1%}", f"{r.ceiling_tokens_per_s:.1f}") for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
@@ -258,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: both on a GPU; xla on a CPU, where the Pallas kernel is interpreted "
                              "(about 60 s a step at batch 64: a check, not a speed)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument("--quantizations", nargs="+", choices=["none", "int8", "int8-dynamic"], default=["none"],
+                        help="weights as --dtype (none) and/or int8 (model.quantization); default none")
     parser.add_argument("--steps", type=int, default=10, help="timed decode steps (default 10)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)

@@ -2,8 +2,9 @@
 
     python -m bench.serving                          # balansis serve, then each installed peer
     python -m bench.serving --url http://host:8080/v1 --model NAME   # any OpenAI-compatible server
+    python -m bench.serving --quantizations none int8 int8-dynamic  # balansis once per weight format
 
-For each concurrency C (default 1, 16, 64), C clients each stream `--requests-per-client`
+For each concurrency C (default 1, 4, 16, 64), C clients each stream `--requests-per-client`
 chat completions of exactly `--max-tokens` tokens (`ignore_eos`, greedy) through the
 official `openai` SDK, one after the other. Measured per request at the client: time to
 first token, inter-token latency (between content chunks), end-to-end latency; per level:
@@ -100,14 +101,21 @@ def main(args: argparse.Namespace) -> int:
         runs.append({"system": args.url, "model": model, "levels": _run_levels(args.url, model, args)})
     else:
         systems = args.systems or ["balansis", *(p for p in servers.PEERS if servers.is_installed(p))]
-        for name in systems:
+        # balansis once per --quantizations entry ("balansis", "balansis int8", …), then the peers.
+        starts = [(name, ()) for name in systems if name != "balansis"]
+        if "balansis" in systems:
+            starts[:0] = [("balansis" if q == "none" else f"balansis {q}", ("--quantization", q))
+                          for q in args.quantizations]
+        for label, extra_args in starts:
+            name = label.split()[0]
             if not servers.is_installed(name):
                 raise SystemExit(f"{name} is not installed (see bench/servers.py)")
-            print(f"-- {name}", flush=True)
+            print(f"-- {label}", flush=True)
             server = servers.start(name, max_streams=max(args.concurrency), server_model=args.server_model,
-                                   log_path=Path(args.results_dir) / f"serving-{name}.log")
+                                   extra_args=extra_args,
+                                   log_path=Path(args.results_dir) / f"serving-{label.replace(' ', '-')}.log")
             try:
-                runs.append({"system": name, "model": server.model, "ready_s": server.ready_s,
+                runs.append({"system": label, "model": server.model, "ready_s": server.ready_s,
                              "levels": _run_levels(server.api_url, server.model, args)})
             finally:
                 server.stop()
@@ -121,13 +129,14 @@ def main(args: argparse.Namespace) -> int:
             print(f"| {run['system']} | {r['concurrency']} | {r['requests']} | {r['output_tok_per_s']:.1f} | "
                   f"{r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | {r['itl_p50_s'] * 1000:.1f} | "
                   f"{r['itl_p99_s'] * 1000:.1f} |")
-    ours = next((run for run in runs if run["system"] == "balansis"), None)
-    if ours is not None and len(runs) > 1:
-        peers = [run for run in runs if run is not ours]
-        print("\n| streams | " + " | ".join(f"balansis / {p['system']}" for p in peers) + " |")
-        print("|---|" + "---|" * len(peers))
-        for i, level in enumerate(ours["levels"]):
-            ratios = [level["output_tok_per_s"] / p["levels"][i]["output_tok_per_s"] for p in peers]
+    ours = [run for run in runs if run["system"].startswith("balansis")]
+    peers = [run for run in runs if run not in ours]
+    if ours and peers:
+        columns = [(o, p) for o in ours for p in peers]
+        print("\n| streams | " + " | ".join(f"{o['system']} / {p['system']}" for o, p in columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for i, level in enumerate(ours[0]["levels"]):
+            ratios = [o["levels"][i]["output_tok_per_s"] / p["levels"][i]["output_tok_per_s"] for o, p in columns]
             print(f"| {level['concurrency']} | " + " | ".join(f"{r:.2f}×" for r in ratios) + " |")
     print(f"\n{path}")
     return 0
@@ -138,6 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "servers")
     parser.add_argument("--systems", nargs="+", choices=("balansis", *servers.PEERS), default=None,
                         help="servers to start, one after the other (default: balansis and every installed peer)")
+    parser.add_argument("--quantizations", nargs="+", choices=("none", "int8", "int8-dynamic"), default=["none"],
+                        help="start balansis once per weight format (--quantization; default: none)")
     parser.add_argument("--model", default=None, help="model name to send (default: the server's first)")
     parser.add_argument("--server-model", default=None, help="--model of the started server (default model)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])

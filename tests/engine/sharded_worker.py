@@ -6,7 +6,7 @@ because the device count is fixed when JAX starts).
         python -m tests.engine.sharded_worker FOLDER RUNS [ORBAX_FOLDER]
 
 RUNS: `tp x dp / level` items, e.g. `1x1/standard,2x1/standard,2x1/ultra`;
-`2x1/standard@orbax` restores the weights from ORBAX_FOLDER (optional third
+`2x1/high+int8` quantises the weights (`--quantization int8`); `2x1/standard@orbax` restores the weights from ORBAX_FOLDER (optional third
 argument, the same weights converted) straight onto the mesh.
 For each: the engine's greedy tokens with top-5 logprobs and prompt
 logprobs for a few prompts run together, and the full logits of one prompt
@@ -45,9 +45,10 @@ def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
         started = time.perf_counter()
         mesh_text, level = run.split("/")
         level, _, source = level.partition("@")  # "@orbax": restored from the converted checkpoint
+        level, _, quantization = level.partition("+")  # "+int8": quantised weights
         tp, dp = (int(n) for n in mesh_text.split("x"))
         config = EngineConfig(max_model_len=128, max_num_seqs=8, kv_cache_memory=4 * 2**20,
-                              tensor_parallel_size=tp, data_parallel_size=dp)
+                              tensor_parallel_size=tp, data_parallel_size=dp, quantization=quantization or "none")
         if source == "orbax":
             model = load_model(orbax_folder, mesh=config.mesh()).model
         else:
@@ -64,7 +65,9 @@ def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
                 if output.finished:
                     finals[output.request_id] = output
         outputs = [finals[str(i)] for i in range(len(PROMPTS))]
+        model = engine.loaded.model  # quantised, when asked
         q_proj = model.layers.q_proj[...]
+        q_scale = getattr(model.layers, "q_proj_scale", None)
         results["runs"][run] = {
             "tokens": [o.outputs[0].token_ids for o in outputs],
             "logprobs": [[(lp.logprob, *(v for _, v in lp.top)) for lp in o.outputs[0].logprobs]
@@ -73,6 +76,8 @@ def main(folder: str, runs: str, orbax_folder: str | None = None) -> dict:
                                 for o in outputs],
             "logits": logits_function(model)([PROMPTS[2]], precision=Precision(level))[0].tolist(),
             "q_proj_shard_shape": list(q_proj.sharding.shard_shape(q_proj.shape)),
+            "q_proj_scale_shard_shape": None if q_scale is None else list(
+                q_scale[...].sharding.shard_shape(q_scale[...].shape)),
             "kv_heads_split": sharding.kv_heads_axis(model.config, engine.mesh) is not None,
             "kv_cache_shard_shape": list(engine.runner.kv.k.sharding.shard_shape(engine.runner.kv.k.shape)),
             "seconds": time.perf_counter() - started,

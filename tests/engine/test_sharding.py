@@ -22,7 +22,8 @@ from tests.hf_reference import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = ("1x1/standard", "2x1/standard", "4x1/standard", "1x2/standard", "2x2/standard",
-        "1x1/ultra", "4x1/ultra", "2x1/standard@orbax")
+        "1x1/ultra", "4x1/ultra", "2x1/standard@orbax",
+        "1x1/standard+int8-dynamic", "2x2/standard+int8-dynamic", "1x1/high+int8", "4x1/high+int8")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,18 @@ def test_standard_on_a_mesh_matches_one_device(sharded_runs, mesh):
 def test_ultra_on_a_mesh_gives_the_same_bits(sharded_runs):
     """Four-way tensor parallel, KV heads replicated: the hardest split for the bits."""
     one, many = sharded_runs["runs"]["1x1/ultra"], sharded_runs["runs"]["4x1/ultra"]
+    assert many["tokens"] == one["tokens"]
+    assert _largest_difference(one, many) == 0.0
+
+
+def test_int8_weights_on_a_mesh_match_one_device(sharded_runs):
+    """Scales split as their columns; STANDARD within float rounding, HIGH the same bits."""
+    runs = sharded_runs["runs"]
+    one, many = runs["1x1/standard+int8-dynamic"], runs["2x2/standard+int8-dynamic"]
+    assert many["tokens"] == one["tokens"]
+    assert _largest_difference(one, many) <= 1e-5
+    one, many = runs["1x1/high+int8"], runs["4x1/high+int8"]
+    assert many["q_proj_shard_shape"] == [3, 64, 16] and many["q_proj_scale_shard_shape"] == [3, 16]
     assert many["tokens"] == one["tokens"]
     assert _largest_difference(one, many) == 0.0
 
