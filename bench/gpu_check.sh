@@ -16,6 +16,7 @@
 #                    compiled through Triton (not interpreted), cuDNN's fused prefill, HIGH and
 #                    ULTRA bitwise batch-invariant under XLA:GPU, numerics' error-free transformations
 #   roofline.txt, roofline-*.json   bench.roofline: decode MBU and prefill MFU per shape and backend
+#   roofline-int8.txt                 the same with int8 weights (float and per-token int8 activations)
 #   serving.txt, serving-*.json     bench.serving at 1, 16 and 64 streams on SmolLM2's shape
 #   server.log       the server's log
 set -euo pipefail
@@ -55,6 +56,8 @@ run() {
 
     timeout 180 "$python" -m pytest -m gpu -q -p no:cacheprovider tests/gpu > "$out/gpu-tests.txt" 2>&1 || true
     timeout 140 "$python" -m bench.roofline --results-dir "$out" --steps 10 > "$out/roofline.txt" 2>&1 || true
+    timeout 90 "$python" -m bench.roofline --results-dir "$out" --steps 5 --backends xla --batches 1 64 \
+        --quantizations int8 int8-dynamic > "$out/roofline-int8.txt" 2>&1 || true
 
     "$python" -m bench.random_checkpoint --shape smollm2-135m --tokenizer .gpu/tokenizer --out /tmp/smollm2-random \
         > /dev/null

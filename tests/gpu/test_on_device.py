@@ -145,3 +145,19 @@ def test_the_integer_sliced_matmul_is_an_integer_gemm_on_the_device():
     for k in (576, 1536):
         for precision in (Precision.HIGH, Precision.ULTRA):
             test_sliced_matmul.test_integer_dots_give_the_float32_dots_bits(precision, jnp.bfloat16, k)
+
+
+def test_int8_weights_on_the_device():
+    """`--quantization int8-dynamic`'s matmul is an int8 × int8 → int32 dot in the compiled program,
+    within its activation-rounding bound; the quantised tiny model stays batch-invariant at HIGH."""
+    from model import quantization as q8
+    from tests.model import test_quantization
+
+    rng = np.random.default_rng(3)
+    w = q8.Int8Weight(*q8.quantize(jnp.asarray(rng.standard_normal((576, 1536)) * 0.02, jnp.float32)))
+    x = jnp.asarray(rng.standard_normal((64, 576)), jnp.float32)
+    text = _compiled_text(lambda x, w: q8.matmul(x, w, dynamic=True), x, w)
+    assert "s8[" in text and "s32[" in text
+    for rows in (1, 4, 64):
+        test_quantization.test_dynamic_matmul_is_within_the_activation_rounding(rows)
+    test_quantization.test_dynamic_matmul_gives_a_row_the_same_bits_alone_and_in_a_batch()
