@@ -311,10 +311,13 @@ class LlamaForCausalLM(nnx.Module):
         (STANDARD: accumulated in float32 whatever the weights' dtype; HIGH and ULTRA: exact products,
         from `sliced["lm_head"]` when given)."""
         if precision is Precision.STANDARD:
-            head = self.lm_head_weights()
-            if isinstance(head, Int8Weight):  # int8 activations at every row count (model.quantization)
-                return q8.matmul(hidden_xd.astype(jnp.float32), head, dynamic=True)
-            return jnp.matmul(hidden_xd, head, preferred_element_type=jnp.float32)
+            if self.quantization is Quantization.NONE:
+                return jnp.matmul(hidden_xd, self.lm_head_weights(), preferred_element_type=jnp.float32)
+            # int8 activations at every row count (model.quantization)
+            hidden_xd = hidden_xd.astype(jnp.float32)
+            if self.config.tie_word_embeddings:
+                return q8.matmul_transposed(hidden_xd, self.embed_tokens[...], self.embed_tokens_scale[...])
+            return q8.matmul(hidden_xd, self.lm_head_weights(), dynamic=True)
         head = (sliced or {}).get("lm_head", self.lm_head_weights())
         return numerics.matmul(hidden_xd, head, precision=precision)
 
