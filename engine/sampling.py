@@ -25,10 +25,16 @@ MIN_SAMPLING_TEMPERATURE = 1e-5
 NUM_SEEDS = 2**32
 
 
+# The sampler computes in float32: a larger magnitude would become infinity there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _real(name: str, value, ok: Callable[[float], bool], expected: str) -> float:
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or not math.isfinite(value) or not ok(float(value))):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be {expected} and fit a float32 (|x| ≤ {FLOAT32_MAX:.4g}), got {value!r}")
     return float(value)
 
 

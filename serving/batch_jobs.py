@@ -411,6 +411,8 @@ def _request_line(text: bytes) -> dict[str, Any]:
         item = msgspec.json.decode(text)
     except msgspec.DecodeError as e:  # not JSON, or bytes that are not UTF-8
         raise _LineError("invalid_json", f"not valid JSON: {e}") from None
+    except RecursionError:  # `[[[[…]]]]` past the decoder's recursion limit
+        raise _LineError("invalid_json", "nested too deeply to decode") from None
     if not isinstance(item, dict):
         raise _LineError("invalid_json", "a request line must be a JSON object")
     custom_id = item.get("custom_id")

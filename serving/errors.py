@@ -133,6 +133,11 @@ def _validation_error(exc: HTTPException) -> RequestError:
     return body_error(message, param)
 
 
+def _too_deep(_: Request, exc: RecursionError) -> Response:
+    """JSON nested past the decoder's recursion limit (`[[[[…]]]]` a thousand deep): a bad body."""
+    return error_response(RequestError("the request body is nested too deeply to decode"))
+
+
 def _unexpected(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return error_response(RequestError(f"internal error: {type(exc).__name__}", status_code=500,
@@ -150,4 +155,5 @@ ERROR_RESPONSES = {status: ResponseSpec(data_container=ErrorResponse, descriptio
     (429, "Queue full; see Retry-After"),
     (503, "Model loading, engine stopped, or shutting down"))}
 
-EXCEPTION_HANDLERS = {RequestError: _request_error, HTTPException: _http_exception, Exception: _unexpected}
+EXCEPTION_HANDLERS = {RequestError: _request_error, HTTPException: _http_exception, RecursionError: _too_deep,
+                      Exception: _unexpected}

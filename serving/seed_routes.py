@@ -114,9 +114,9 @@ def _params(model: ServedModel, data: SeedGenerateRequest | SeedChatRequest, pro
         params = SamplingParams(max_tokens=max_length, temperature=data.temperature, top_p=data.top_p,
                                 precision=data.act_precision)
     except ValueError as e:
-        field = str(e).split(" ", 1)[0]
+        field, _, rest = str(e).partition(" ")
         param = {"max_tokens": "max_length", "precision": "act_precision"}.get(field, field)
-        raise RequestError(str(e), param=param) from None
+        raise RequestError(f"{param} {rest}", param=param) from None  # the seed API's own names
     try:
         model.engine_core.check_request(prompt_ids, params, max_tokens_name="max_length")
     except RequestRejected as e:

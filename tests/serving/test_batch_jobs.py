@@ -78,24 +78,26 @@ def _bodies(records) -> dict[str, dict]:
     return {r["custom_id"]: r["response"]["body"] for r in records if r["error"] is None}
 
 
-def test_hundred_lines_three_malformed_each_accounted_once(llm, tmp_path):
+def test_hundred_lines_four_malformed_each_accounted_once(llm, tmp_path):
     lines = [_chat(i) if i % 3 == 0 else _completion(i) for i in range(100)]
     lines[9] = '{"custom_id": "broken", "method": "POST", '  # line 10: not JSON
     lines[49] = json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}})  # line 50
+    lines[69] = '{"custom_id": "deep", "body": ' + "[" * 1000 + "]" * 1000 + "}"  # line 70: past the decoder's depth
     lines[89] = _line("c89", {"input": "x"}, url="/v1/moderations")  # line 90
     summary, records = _run(llm, tmp_path, lines)
 
-    assert (summary.num_results, summary.num_errors, summary.num_skipped) == (97, 3, 0)
+    assert (summary.num_results, summary.num_errors, summary.num_skipped) == (96, 4, 0)
     assert len(records) == 100
     ok = [r for r in records if r["error"] is None]
     errors = {r["error"]["line"]: r for r in records if r["error"] is not None}
-    expected_ids = {json.loads(line)["custom_id"] for i, line in enumerate(lines) if i not in (9, 49, 89)}
+    expected_ids = {json.loads(line)["custom_id"] for i, line in enumerate(lines) if i not in (9, 49, 69, 89)}
     assert sorted(r["custom_id"] for r in ok) == sorted(expected_ids)  # each exactly once
     assert all(r["response"]["status_code"] == 200 and r["id"].startswith("batch_req_") for r in ok)
-    assert sorted(errors) == [10, 50, 90]
-    assert [errors[n]["error"]["code"] for n in (10, 50, 90)] == ["invalid_json", "missing_custom_id", "invalid_url"]
-    assert [errors[n]["custom_id"] for n in (10, 50, 90)] == [None, None, "c89"]
-    assert all(errors[n]["response"] is None for n in (10, 50, 90))
+    assert sorted(errors) == [10, 50, 70, 90]
+    assert [errors[n]["error"]["code"] for n in (10, 50, 70, 90)] == [
+        "invalid_json", "missing_custom_id", "invalid_json", "invalid_url"]
+    assert [errors[n]["custom_id"] for n in (10, 50, 70, 90)] == [None, None, None, "c89"]
+    assert all(errors[n]["response"] is None for n in (10, 50, 70, 90))
     assert "/v1/embeddings" in errors[90]["error"]["message"]  # the urls we serve are listed
 
 

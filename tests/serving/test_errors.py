@@ -161,6 +161,33 @@ def test_body_that_is_not_an_object_is_400(live_server, case):
     assert_serves(live_server)
 
 
+POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/v1/generate", "/api/v1/chat",
+               "/api/v1/embeddings", "/tokenize", "/detokenize")
+TOO_DEEP = {"an array a thousand deep": b"[" * 1000 + b"]" * 1000,
+            "a field a thousand deep": b'{"model": "tiny", "messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"}
+
+
+@pytest.mark.parametrize("case", list(TOO_DEEP))
+def test_json_nested_past_the_decoders_limit_is_400_on_every_post_route(live_server, case):
+    """A fuzz run found `[[[[…]]]]` a 500 (a RecursionError) on every POST route."""
+    for route in POST_ROUTES:
+        error = error_of(post_raw(live_server, route, TOO_DEEP[case]), status=400, code="invalid_value")
+        assert "nested too deeply" in error["message"], (route, error)
+    assert_serves(live_server)
+
+
+def test_values_a_float32_cannot_hold_are_400(live_server):
+    """`temperature: 1e308` used to pass the range check and overflow to infinity in the sampler."""
+    for fields in ({"temperature": 1e308}, {"repetition_penalty": 1e39}):
+        response = httpx.post(live_server.v1 + "/chat/completions", timeout=60,
+                              json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **fields})
+        error = error_of(response, status=400, code="invalid_value", param=next(iter(fields)))
+        assert "float32" in error["message"]
+    error_of(httpx.post(live_server.url + "/api/v1/generate", json={"prompt": "Hi", "temperature": 1e308},
+                        timeout=60), status=400, code="invalid_value", param="temperature")
+    assert_serves(live_server)
+
+
 def test_validation_errors_are_never_422(live_server):
     """What msgspec refuses is a 400 naming the field, as OpenAI's own checks are."""
     cases = [({"n": "many"}, "n", "invalid_value"),
@@ -184,7 +211,12 @@ def test_seed_api_invalid_values_are_400(live_server):
              ({"max_length": 4}, "prompt", "missing_required_parameter"),
              ({"prompt": ""}, "prompt", "invalid_value")]
     for body, param, code in cases:
-        error_of(httpx.post(url, json=body, timeout=60), status=400, code=code, param=param)
+        error = error_of(httpx.post(url, json=body, timeout=60), status=400, code=code, param=param)
+        if param == "max_length":  # the seed API's name, in the message too (not the engine's max_tokens)
+            assert "max_length" in error["message"] and "max_tokens" not in error["message"], error
+    error = error_of(httpx.post(url, json={"prompt": "Hi", "max_length": -1}, timeout=60), status=400,
+                     code="invalid_value", param="max_length")
+    assert error["message"].startswith("max_length"), error
     error_of(httpx.post(live_server.url + "/api/v1/chat", json={"messages": [{"role": "x", "content": "y"}]},
                         timeout=60), status=400, code="invalid_value", param="messages[0].role")
     assert_serves(live_server)
