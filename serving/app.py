@@ -3,8 +3,9 @@
     app = create_app(ServerState(ServeConfig(...), [ModelSpec(name, load), ...]))
 
 Routes: OpenAI's (/v1/…), the seed API (/api/v1/…, /models), /tokenize and
-/detokenize, all behind the API key check when keys are set; /health,
-/ready, /metrics, /version and the OpenAPI docs (/docs) are open, as probes
+/detokenize, /version and the admin API (/admin/…, admin keys only), all
+behind one authentication guard when authentication is on (serving.auth);
+/health, /ready, /metrics and the OpenAPI docs (/docs) are open, as probes
 and scrapers expect. The models load when the app starts (see ServerState).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
+import anyio.to_thread
 from litestar import Litestar, Router
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
@@ -19,30 +21,32 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from serving import ops_routes, openai_routes, seed_routes
-from serving.errors import EXCEPTION_HANDLERS, RequestError
+from serving import admin_routes, openai_routes, ops_routes, seed_routes
+from serving.auth import principal_of
+from serving.errors import EXCEPTION_HANDLERS
 from serving.generation import ClientDisconnected
 from serving.state import ServerState
 
 
 def create_app(server: ServerState) -> Litestar:
-    keys = frozenset(server.config.api_keys)
+    authenticator = server.authenticator
 
-    def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        if not keys:
-            return
-        scheme, _, token = connection.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or token.strip() not in keys:
-            message = ("missing API key: send it as 'Authorization: Bearer KEY'" if not token.strip()
-                       else "incorrect API key provided")
-            raise RequestError(message, status_code=401, code="invalid_api_key")
+    async def authenticate(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        if authenticator.is_on:  # a stored key is looked up in the database: off the event loop
+            connection.state.principal = await anyio.to_thread.run_sync(
+                authenticator.authenticate, connection.headers.get("authorization"))
 
-    api = Router(path="/", guards=[require_api_key], route_handlers=[
+    def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        principal_of(connection).check_admin()
+
+    admin = Router(path="/admin", guards=[require_admin], route_handlers=admin_routes.ROUTES)
+    api = Router(path="/", guards=[authenticate], route_handlers=[
         openai_routes.list_models, openai_routes.retrieve_model, openai_routes.chat_completions,
         openai_routes.completions, openai_routes.embeddings, ops_routes.tokenize, ops_routes.detokenize,
-        seed_routes.seed_generate, seed_routes.seed_chat, seed_routes.seed_embeddings, seed_routes.seed_models])
+        seed_routes.seed_generate, seed_routes.seed_chat, seed_routes.seed_embeddings, seed_routes.seed_models,
+        ops_routes.version, admin])
     return Litestar(
-        route_handlers=[ops_routes.health, ops_routes.ready, ops_routes.metrics, ops_routes.version, api],
+        route_handlers=[ops_routes.health, ops_routes.ready, ops_routes.metrics, api],
         dependencies={"server": Provide(lambda: server, use_cache=True, sync_to_thread=False)},
         exception_handlers={**EXCEPTION_HANDLERS, ClientDisconnected: _client_gone},
         on_startup=[server.start_loading],

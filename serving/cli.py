@@ -3,6 +3,7 @@
     balansis serve | run-batch      (serving: the server, and OpenAI batch files offline)
     balansis generate               (engine: one prompt, streamed to stdout)
     balansis convert | inspect      (checkpoints)
+    balansis keys | db              (serving: API keys in the store, its schema)
 
 Each layer defines its own subcommands (flags and handler) next to the code
 they call, the flags mapping one to one onto its parameters; this top floor
@@ -17,7 +18,7 @@ import sys
 
 from checkpoints import commands as checkpoint_commands
 from engine import generate
-from serving import batch_jobs, server
+from serving import batch_jobs, keys_command, server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
          checkpoint_commands.add_convert_arguments, checkpoint_commands.convert_command),
         ("inspect", "architecture, parameter count, dtypes and sizes of a checkpoint (any supported format)",
          checkpoint_commands.add_inspect_arguments, checkpoint_commands.inspect_command),
+        ("keys", "create, list and revoke API keys in the server's database", keys_command.add_keys_arguments,
+         keys_command.keys_command),
+        ("db", "the server's database: apply schema migrations", keys_command.add_db_arguments,
+         keys_command.db_command),
     )
     for name, summary, add_arguments, handler in subcommands:
         subparser = commands.add_parser(name, help=summary)

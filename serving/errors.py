@@ -26,10 +26,10 @@ from serving.schemas import ErrorResponse
 log = logging.getLogger("balansis.serving")
 T = TypeVar("T")
 
-_TYPES = {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable"}
-_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-          413: "request_too_large", 429: "rate_limit_exceeded", 503: "service_unavailable"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+_CODES = {400: "invalid_value", 401: "invalid_api_key", 403: "permission_denied", 404: "not_found",
+          405: "method_not_allowed", 413: "request_too_large", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 # msgspec names the offending field like "... - at `$.messages[0].role`".
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
@@ -149,7 +149,8 @@ def _unexpected(_: Request, exc: Exception) -> Response:
 ERROR_RESPONSES = {status: ResponseSpec(data_container=ErrorResponse, description=description)
                    for status, description in (
     (400, "Invalid request: a value, a field, the body, or the context length"),
-    (401, "Missing or wrong API key (when the server has keys)"),
+    (401, "Missing, wrong, expired or revoked API key (when authentication is on)"),
+    (403, "The key may not use this model, or this route needs an admin key"),
     (404, "Unknown model"),
     (413, "Request body too large"),
     (429, "Queue full; see Retry-After"),

@@ -23,6 +23,7 @@ from litestar.params import FromPath, JSONBody
 from litestar import Request, get, post
 from litestar.response import ServerSentEvent
 
+from serving.auth import principal_of
 from serving.errors import ERROR_RESPONSES, RequestError
 from serving.generation import AdmittedStream, embed_inputs, final_outputs, stream_requests, unless_disconnected
 from serving.openai_embeddings import (check_dimensions, embeddings_response, input_token_ids,
@@ -37,13 +38,16 @@ from serving.state import ServedModel, ServerState
 
 
 @get("/v1/models", summary="The models this server serves", responses=ERROR_RESPONSES)
-async def list_models(server: NamedDependency[ServerState]) -> ModelList:
-    return ModelList(object="list", data=[_card(model) for model in server.models.values()])
+async def list_models(request: Request, server: NamedDependency[ServerState]) -> ModelList:
+    allowed = principal_of(request).models
+    return ModelList(object="list", data=[_card(model) for model in server.models.values()
+                                          if not allowed or model.name in allowed])
 
 
 @get("/v1/models/{model_id:str}", summary="One served model", responses=ERROR_RESPONSES)
-async def retrieve_model(model_id: FromPath[str], server: NamedDependency[ServerState]) -> ModelCard:
-    return _card(server.model(model_id))
+async def retrieve_model(request: Request, model_id: FromPath[str],
+                         server: NamedDependency[ServerState]) -> ModelCard:
+    return _card(server.model(model_id, principal=principal_of(request)))
 
 
 def _card(model: ServedModel) -> ModelCard:
@@ -72,7 +76,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest],
 async def embeddings(request: Request, data: JSONBody[EmbeddingsRequest],
                      server: NamedDependency[ServerState]) -> EmbeddingList:
     parsed = parse_embeddings_request(data)
-    model = server.model(parsed.model, embed=True)
+    model = server.model(parsed.model, embed=True, principal=principal_of(request))
     embedder = model.ready_embedder().embedder
     check_dimensions(parsed, embedder.dimensions)
     # Tokenising many inputs takes a while: off the event loop.
@@ -84,7 +88,7 @@ async def embeddings(request: Request, data: JSONBody[EmbeddingsRequest],
 
 async def _complete(http_request: Request, server: ServerState, request: ParsedRequest
                     ) -> ChatCompletion | Completion | ServerSentEvent:
-    model = server.model(request.model, generate=True)
+    model = server.model(request.model, generate=True, principal=principal_of(http_request))
     engine = model.engine_core
     tokenizer = engine.info.tokenizer
     # Tokenising a long prompt (or rendering a chat template) takes a while:

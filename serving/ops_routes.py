@@ -7,8 +7,9 @@ from importlib import metadata
 import jax
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
-from litestar import MediaType, Response, get, post
+from litestar import MediaType, Request, Response, get, post
 
+from serving.auth import principal_of
 from serving.errors import ERROR_RESPONSES, RequestError
 from serving.openai_requests import parse_chat, prompt_token_ids
 from serving.schemas import (ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse, StatusResponse,
@@ -53,8 +54,9 @@ async def version() -> VersionResponse:
 
 @post("/tokenize", summary="Token ids of a prompt, or of chat messages through the chat template",
       status_code=200, responses=ERROR_RESPONSES)
-async def tokenize(data: JSONBody[TokenizeRequest], server: NamedDependency[ServerState]) -> TokenizeResponse:
-    model = server.model(data.model)
+async def tokenize(request: Request, data: JSONBody[TokenizeRequest],
+                   server: NamedDependency[ServerState]) -> TokenizeResponse:
+    model = server.model(data.model, principal=principal_of(request))
     info = model.info
     if (data.prompt is None) == (data.messages is None):
         raise RequestError("give exactly one of prompt and messages", param="prompt")
@@ -70,9 +72,9 @@ async def tokenize(data: JSONBody[TokenizeRequest], server: NamedDependency[Serv
 
 
 @post("/detokenize", summary="The text of token ids", status_code=200, responses=ERROR_RESPONSES)
-async def detokenize(data: JSONBody[DetokenizeRequest],
+async def detokenize(request: Request, data: JSONBody[DetokenizeRequest],
                      server: NamedDependency[ServerState]) -> DetokenizeResponse:
-    info = server.model(data.model).info
+    info = server.model(data.model, principal=principal_of(request)).info
     if any(not 0 <= t < info.vocab_size for t in data.tokens):
         raise RequestError(f"token ids must be in [0, {info.vocab_size})", param="tokens")
     return DetokenizeResponse(prompt=info.tokenizer.decode(data.tokens, skip_special_tokens=False))

@@ -386,3 +386,44 @@ class SeedModel(msgspec.Struct):
 
 class SeedModelList(msgspec.Struct):
     models: list[SeedModel]
+
+
+# -- the admin API (/admin/keys) -------------------------------------------------------------------
+
+class CreateKeyRequest(_Body):
+    name: str
+    user_id: str | None = None  # default: the name
+    role: Literal["admin", "user"] = "user"
+    tier: Literal["free", "pro", "enterprise"] = "free"
+    models: list[str] = msgspec.field(default_factory=list)  # empty: every model
+    rpm: int | None = None
+    tpm: int | None = None
+    tokens_per_day: int | None = None
+    max_parallel: int | None = None
+    expires_in: str | None = None  # a duration: 30d, 12h, 90m, 45s
+
+
+class KeyRecord(msgspec.Struct):
+    prefix: str
+    name: str
+    user_id: str
+    role: str
+    tier: str
+    models: list[str]
+    rpm: int | None
+    tpm: int | None
+    tokens_per_day: int | None
+    max_parallel: int | None
+    created_at: float  # seconds since the epoch
+    expires_at: float | None
+    revoked_at: float | None
+
+
+class CreatedKey(msgspec.Struct):
+    key: str  # the plaintext, shown this once
+    record: KeyRecord
+
+
+class KeyList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[KeyRecord]

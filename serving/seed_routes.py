@@ -34,6 +34,7 @@ from litestar.response import ServerSentEvent
 
 from engine.outputs import CompletionOutput, RequestOutput, RequestRejected
 from engine.sampling import SamplingParams
+from serving.auth import principal_of
 from serving.errors import ERROR_RESPONSES, RequestError, rejected
 from serving.generation import AdmittedStream, embed_inputs, final_outputs, stream_requests, unless_disconnected
 from serving.openai_embeddings import input_token_ids, parse_embeddings_request
@@ -47,18 +48,19 @@ _DEFAULT_CHAT_MAX_LENGTH = 512
 
 
 @get("/models", summary="Seed API: the served models", responses=ERROR_RESPONSES)
-async def seed_models(server: NamedDependency[ServerState]) -> SeedModelList:
+async def seed_models(request: Request, server: NamedDependency[ServerState]) -> SeedModelList:
+    allowed = principal_of(request).models
     return SeedModelList(models=[
         SeedModel(name=model.name, type="chat" if model.can_generate else "embedding",
                   max_model_len=model.info.max_model_len, precision_levels=list(PRECISION_LEVELS))
-        for model in server.models.values()])
+        for model in server.models.values() if not allowed or model.name in allowed])
 
 
 @post("/api/v1/generate", summary="Seed API: continue a raw-text prompt",
       status_code=200, responses=ERROR_RESPONSES)
 async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
                         server: NamedDependency[ServerState]) -> SeedGenerateResponse:
-    model = server.model(None, generate=True)
+    model = server.model(None, generate=True, principal=principal_of(request))
     prompt_ids = await asyncio.to_thread(model.info.tokenizer.encode, data.prompt)  # off the event loop
     params = _params(model, data, prompt_ids, data.max_length, prompt_param="prompt")
     output = await _generate(request, server, model, prompt_ids, params)
@@ -72,7 +74,7 @@ async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
       status_code=200, responses=ERROR_RESPONSES)
 async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
                     server: NamedDependency[ServerState]) -> SeedChatResponse | ServerSentEvent:
-    model = server.model(data.model, generate=True)
+    model = server.model(data.model, generate=True, principal=principal_of(request))
     info = model.info
     parsed = parse_chat(ChatCompletionRequest(messages=data.messages))
     prompt_ids = (await asyncio.to_thread(prompt_token_ids, parsed, info.tokenizer))[0]
@@ -98,7 +100,7 @@ async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest
                            param="act_precision", code="unsupported_parameter")
     parsed = parse_embeddings_request(EmbeddingsRequest(
         input=data.input, model=data.model, truncate_prompt_tokens=-1 if data.truncate else None))
-    model = server.model(parsed.model, embed=True)
+    model = server.model(parsed.model, embed=True, principal=principal_of(request))
     embedder = model.ready_embedder().embedder
     token_ids = await asyncio.to_thread(input_token_ids, parsed, embedder)
     vectors = await embed_inputs(request, server.metrics, model, token_ids, normalize=data.act_normalization)

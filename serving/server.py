@@ -52,8 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hidden state, then L2-normalised (default: %(default)s; encoders pool as "
                              "their folder says)")
     parser.add_argument("--api-key", action="append", default=None,
-                        help="accept this bearer key (repeatable); default: $BALANSIS_API_KEY, else no "
-                             "authentication")
+                        help="accept this bearer key as an admin key (repeatable); default: $BALANSIS_API_KEY")
+    parser.add_argument("--require-auth", action="store_true",
+                        help="require a key on every route but /health, /ready, /metrics and /docs: a stored "
+                             "one (`balansis keys create`) or an --api-key; on whenever --api-key is given")
+    parser.add_argument("--database-url", default=None,
+                        help="the database of stored keys: sqlite:///PATH or postgresql://… (default: "
+                             "$BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
     parser.add_argument("--max-queue", type=int, default=_DEFAULTS.max_queue,
                         help="per model: sequences admitted beyond --max-num-seqs (embedding requests, "
                              "for an embedding model) before new requests get a 429 (default: %(default)s)")
@@ -74,7 +79,8 @@ def serve_command(args: argparse.Namespace) -> int:
         return _follow(args)
     keys = args.api_key if args.api_key is not None else (
         [os.environ["BALANSIS_API_KEY"]] if os.environ.get("BALANSIS_API_KEY") else [])
-    config = ServeConfig(api_keys=tuple(keys), max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+    config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
+                         max_queue=args.max_queue, drain_timeout=args.drain_timeout)
     models = model_specs(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server: _DrainingServer | None = None

@@ -32,6 +32,9 @@ from engine.outputs import EngineStats, ModelInfo
 from engine.startup import StartupPhases
 from model.numerics import Precision
 from model.pooling import PoolingMode
+from serving import database
+from serving.api_keys import KeyStore
+from serving.auth import ANONYMOUS, Authenticator, Principal
 from serving.errors import RequestError
 from serving.metrics import ServingMetrics
 
@@ -44,7 +47,9 @@ PRECISION_LEVELS = tuple(p.value for p in Precision)
 class ServeConfig:
     """Server settings; `balansis serve` flags map onto these one to one."""
 
-    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    api_keys: tuple[str, ...] = ()  # static admin keys; empty (and not require_auth): no authentication
+    require_auth: bool = False  # authenticate with the stored keys (serving.api_keys) too
+    database_url: str | None = None  # the key store's (serving.database); None: the default SQLite file
     # Per model: sequences (embedding requests for an encoder) admitted beyond
     # what runs at once; more get a 429.
     max_queue: int = 256
@@ -215,6 +220,9 @@ class ServerState:
         self.num_admitted_requests = 0  # requests admitted and not yet done (what a drain waits for)
         self.metrics = ServingMetrics(stats=self.stats, startup=self.startup_seconds)
         self._loader: threading.Thread | None = None
+        self.key_store = _key_store(config)
+        self.authenticator = Authenticator(static_keys=config.api_keys, store=self.key_store,
+                                           required=config.require_auth)
 
     # -- loading ---------------------------------------------------------------
     def start_loading(self) -> None:
@@ -252,8 +260,10 @@ class ServerState:
     def stats(self) -> list[tuple[str, EngineStats]]:
         return [(m.name, s) for m in self.models.values() if (s := m.stats()) is not None]
 
-    def model(self, name: str | None, *, generate: bool = False, embed: bool = False) -> ServedModel:
-        """The model a request names (None: the first that serves it), or a 404.
+    def model(self, name: str | None, *, generate: bool = False, embed: bool = False,
+              principal: Principal = ANONYMOUS) -> ServedModel:
+        """The model a request names (None: the first that serves it and `principal` may use), or a
+        404; a 403 when `principal`'s key may not use it.
 
         `generate`: the request completes or chats, which encoders cannot.
         `embed`: the request asks for embeddings, which a decoder served across
@@ -262,7 +272,7 @@ class ServerState:
         if self.is_draining:
             raise RequestError("the server is shutting down", status_code=503)
         if name is None:
-            models = list(self.models.values())
+            models = [m for m in self.models.values() if not principal.models or m.name in principal.models]
             if generate:
                 models = [m for m in models if m.can_generate]
             else:  # embeddings: an embedding model before a chat model
@@ -276,6 +286,7 @@ class ServerState:
             served = ", ".join(f"'{n}'" for n in self.models)
             raise RequestError(f"the model '{name}' does not exist; this server serves {served}",
                                status_code=404, code="model_not_found", param="model")
+        principal.check_model(model.name)
         if generate and not model.can_generate:
             raise RequestError(f"'{name}' is an embedding model; it serves /v1/embeddings only",
                                status_code=404, code="model_not_supported", param="model")
@@ -284,6 +295,18 @@ class ServerState:
                                f"completions and chat only, not embeddings",
                                status_code=404, code="model_not_supported", param="model")
         return model
+
+
+def _key_store(config: ServeConfig) -> KeyStore | None:
+    """The stored keys' database; without it (unreachable, unwritable) the server still serves
+    when it needs no stored keys, and refuses to start when it does."""
+    try:
+        return KeyStore(database.connect(config.database_url))
+    except Exception as e:
+        if config.require_auth:
+            raise
+        log.warning("no key store (%s): stored API keys and /admin/keys are unavailable", e)
+        return None
 
 
 class Admission:

@@ -59,3 +59,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _database_in_a_temporary_folder(tmp_path_factory):
+    """Servers and commands under test keep their default database (serving.database) in a
+    temporary folder, not in the user's data folder."""
+    if "BALANSIS_DATABASE_URL" not in os.environ:
+        os.environ["BALANSIS_DATABASE_URL"] = f"sqlite:///{tmp_path_factory.mktemp('data') / 'balansis.db'}"
+
+
+POSTGRES_URL = os.environ.get("BALANSIS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def require_service(name: str, reason: str) -> None:
+    """Skip a test whose real service (PostgreSQL, Redis) is unreachable, with the reason; under
+    CI=true, where the services run, fail instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is unreachable under CI=true: {reason}")
+    pytest.skip(f"{name} is unreachable: {reason}")
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database for one test (created on the server at POSTGRES_URL, dropped after)."""
+    import uuid
+
+    try:
+        import psycopg
+
+        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
+    except Exception as e:
+        require_service("PostgreSQL", f"{POSTGRES_URL}: {e}")
+    name = f"balansis_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each store test on SQLite (a file in a temporary folder) and on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -299,8 +299,9 @@ def test_right_api_keys_work(guarded_server):
 
 
 def test_probes_and_docs_are_open_without_a_key(guarded_server):
-    for path in ("/health", "/ready", "/metrics", "/version", "/docs/openapi.json"):
+    for path in ("/health", "/ready", "/metrics", "/docs/openapi.json"):
         assert httpx.get(guarded_server.url + path, timeout=60).status_code == 200, path
+    assert httpx.get(guarded_server.url + "/version", timeout=60).status_code == 401  # versions: for key holders
 
 
 def test_body_over_the_limit_is_413(guarded_server):

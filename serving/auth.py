@@ -1,0 +1,82 @@
+"""Who is asking: one policy for every route but the probes, the metrics and the docs.
+
+With authentication on (static `--api-key`s, or `--require-auth` for the
+stored keys), a request sends `Authorization: Bearer KEY`; `authenticate`
+turns that into a `Principal` or a 401. Static keys are admins (compared in
+constant time); stored keys (serving.api_keys) carry their own role, tier
+and models. `/admin/*` needs the admin role (403 otherwise), and a model
+outside a key's list is a 403 where the route resolves the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+
+from serving.api_keys import ApiKey, KeyStore, Role, Tier
+from serving.errors import RequestError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller of one request."""
+
+    user_id: str
+    role: Role
+    tier: Tier
+    models: tuple[str, ...] = ()  # empty: every model
+    key_prefix: str | None = None  # a stored key's display prefix
+    api_key: ApiKey | None = None  # the stored key's record (its limits)
+
+    @property
+    def actor(self) -> str:
+        """How audit rows name this caller."""
+        return self.key_prefix or self.user_id
+
+    def check_model(self, name: str) -> None:
+        if self.models and name not in self.models:
+            raise RequestError(f"this API key may not use the model {name!r}", status_code=403,
+                               code="model_not_allowed", param="model")
+
+    def check_admin(self) -> None:
+        if self.role is not Role.ADMIN:
+            raise RequestError("this route needs an admin key", status_code=403, code="insufficient_permissions")
+
+
+# Without authentication every caller is this: an admin, so nothing is refused.
+ANONYMOUS = Principal(user_id="anonymous", role=Role.ADMIN, tier=Tier.ENTERPRISE)
+STATIC = Principal(user_id="static key", role=Role.ADMIN, tier=Tier.ENTERPRISE)
+
+
+def principal_of(connection) -> Principal:
+    """The caller the auth guard found for this request (ANONYMOUS on an open route)."""
+    return getattr(connection.state, "principal", ANONYMOUS)
+
+
+class Authenticator:
+    def __init__(self, *, static_keys: tuple[str, ...] = (), store: KeyStore | None = None,
+                 required: bool = False):
+        """`required`: stored keys are checked even without static keys (`--require-auth`)."""
+        self._static = tuple(k.encode() for k in static_keys)
+        self.store = store
+        self.is_on = bool(static_keys) or required
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller of a request whose Authorization header is `authorization`, or a 401."""
+        if not self.is_on:
+            return ANONYMOUS
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise RequestError("missing API key: send it as 'Authorization: Bearer KEY'", status_code=401,
+                               code="invalid_api_key")
+        encoded = token.encode()
+        # Every static key is compared, so the time taken does not tell which one was close.
+        if any([hmac.compare_digest(encoded, key) for key in self._static]):  # noqa: C419 (a list: all compared)
+            return STATIC
+        record = self.store.verify(token) if self.store is not None else None
+        if record is None:
+            raise RequestError("incorrect API key provided, or it expired or was revoked", status_code=401,
+                               code="invalid_api_key")
+        return Principal(user_id=record.user_id, role=record.role, tier=record.tier, models=record.models,
+                         key_prefix=record.prefix, api_key=record)
