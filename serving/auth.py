@@ -1,10 +1,11 @@
 """Who is asking: one policy for every route but the probes, the metrics and the docs.
 
-With authentication on (static `--api-key`s, or `--require-auth` for the
-stored keys), a request sends `Authorization: Bearer KEY`; `authenticate`
-turns that into a `Principal` or a 401. Static keys are admins (compared in
-constant time); stored keys (serving.api_keys) carry their own role, tier
-and models. `/admin/*` needs the admin role (403 otherwise), and a model
+With authentication on (static `--api-key`s, `--require-auth` for the
+stored keys, or a JWT key source), a request sends `Authorization: Bearer
+KEY` (or a JWT); `authenticate` turns that into a `Principal` or a 401.
+Static keys are admins (compared in constant time); stored keys
+(serving.api_keys) carry their own role, tier and models; a JWT
+(serving.jwt_auth) its claims. `/admin/*` needs the admin role (403 otherwise), and a model
 outside a key's list is a 403 where the route resolves the model.
 """
 
@@ -13,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hmac
 
-from serving.api_keys import ApiKey, KeyStore, Role, Tier
+from serving.api_keys import KEY_PREFIX, ApiKey, KeyStore, Role, Tier
 from serving.errors import RequestError
+from serving.jwt_auth import InvalidToken, JwtVerifier
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,11 +57,12 @@ def principal_of(connection) -> Principal:
 
 class Authenticator:
     def __init__(self, *, static_keys: tuple[str, ...] = (), store: KeyStore | None = None,
-                 required: bool = False):
+                 required: bool = False, jwt: JwtVerifier | None = None):
         """`required`: stored keys are checked even without static keys (`--require-auth`)."""
         self._static = tuple(k.encode() for k in static_keys)
         self.store = store
-        self.is_on = bool(static_keys) or required
+        self._jwt = jwt
+        self.is_on = bool(static_keys) or required or jwt is not None
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller of a request whose Authorization header is `authorization`, or a 401."""
@@ -74,6 +77,12 @@ class Authenticator:
         # Every static key is compared, so the time taken does not tell which one was close.
         if any([hmac.compare_digest(encoded, key) for key in self._static]):  # noqa: C419 (a list: all compared)
             return STATIC
+        if self._jwt is not None and not token.startswith(KEY_PREFIX) and token.count(".") == 2:
+            try:
+                claims = self._jwt.verify(token)
+            except InvalidToken as e:
+                raise RequestError(f"invalid token: {e}", status_code=401, code="invalid_api_key") from None
+            return Principal(user_id=claims.user_id, role=claims.role, tier=claims.tier, models=claims.models)
         record = self.store.verify(token) if self.store is not None else None
         if record is None:
             raise RequestError("incorrect API key provided, or it expired or was revoked", status_code=401,

@@ -29,6 +29,7 @@ import uvicorn
 from engine.engine_args import add_engine_arguments, engine_config_from_args
 from engine.startup import StartupPhases
 from model.pooling import PoolingMode
+from serving.jwt_auth import JwtSettings
 from serving.state import ModelSpec, ServeConfig, ServerState
 
 log = logging.getLogger("balansis.serving")
@@ -56,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-auth", action="store_true",
                         help="require a key on every route but /health, /ready, /metrics and /docs: a stored "
                              "one (`balansis keys create`) or an --api-key; on whenever --api-key is given")
+    jwt = parser.add_argument_group("JWT bearer tokens (one key source; exp and sub required)")
+    jwt.add_argument("--jwt-secret", default=None,
+                     help="HS256 secret of at least 32 bytes (default: $BALANSIS_JWT_SECRET)")
+    jwt.add_argument("--jwt-public-key", default=None, metavar="FILE", help="PEM public key for RS256/ES256")
+    jwt.add_argument("--jwt-jwks-url", default=None, metavar="URL", help="a JWKS of RS256/ES256 keys")
+    jwt.add_argument("--jwt-issuer", default=None, help="the iss tokens must carry")
+    jwt.add_argument("--jwt-audience", default=None, help="the aud tokens must carry")
     parser.add_argument("--database-url", default=None,
                         help="the database of stored keys: sqlite:///PATH or postgresql://… (default: "
                              "$BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
@@ -79,8 +87,11 @@ def serve_command(args: argparse.Namespace) -> int:
         return _follow(args)
     keys = args.api_key if args.api_key is not None else (
         [os.environ["BALANSIS_API_KEY"]] if os.environ.get("BALANSIS_API_KEY") else [])
+    jwt = JwtSettings(secret=args.jwt_secret or os.environ.get("BALANSIS_JWT_SECRET") or None,
+                      public_key_file=args.jwt_public_key, jwks_url=args.jwt_jwks_url, issuer=args.jwt_issuer,
+                      audience=args.jwt_audience)
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
-                         max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+                         jwt=jwt, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
     models = model_specs(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server: _DrainingServer | None = None

@@ -36,6 +36,7 @@ from serving import database
 from serving.api_keys import KeyStore
 from serving.auth import ANONYMOUS, Authenticator, Principal
 from serving.errors import RequestError
+from serving.jwt_auth import JwtSettings, JwtVerifier
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger("balansis.serving")
@@ -50,6 +51,7 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()  # static admin keys; empty (and not require_auth): no authentication
     require_auth: bool = False  # authenticate with the stored keys (serving.api_keys) too
     database_url: str | None = None  # the key store's (serving.database); None: the default SQLite file
+    jwt: JwtSettings = JwtSettings()  # bearer JWTs (serving.jwt_auth); off unless a key source is given
     # Per model: sequences (embedding requests for an encoder) admitted beyond
     # what runs at once; more get a 429.
     max_queue: int = 256
@@ -222,7 +224,8 @@ class ServerState:
         self._loader: threading.Thread | None = None
         self.key_store = _key_store(config)
         self.authenticator = Authenticator(static_keys=config.api_keys, store=self.key_store,
-                                           required=config.require_auth)
+                                           required=config.require_auth,
+                                           jwt=JwtVerifier(config.jwt) if config.jwt.is_on else None)
 
     # -- loading ---------------------------------------------------------------
     def start_loading(self) -> None:
