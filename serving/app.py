@@ -23,8 +23,9 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from serving import admin_routes, openai_routes, ops_routes, seed_routes
 from serving.auth import principal_of
-from serving.errors import EXCEPTION_HANDLERS
+from serving.errors import EXCEPTION_HANDLERS, RequestError
 from serving.generation import ClientDisconnected
+from serving.metrics import HttpMetrics
 from serving.state import ServerState
 
 
@@ -32,9 +33,14 @@ def create_app(server: ServerState) -> Litestar:
     authenticator = server.authenticator
 
     async def authenticate(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        if authenticator.is_on:  # a stored key is looked up in the database: off the event loop
+        if not authenticator.is_on:
+            return
+        try:  # a stored key is looked up in the database: off the event loop
             connection.state.principal = await anyio.to_thread.run_sync(
                 authenticator.authenticate, connection.headers.get("authorization"))
+        except RequestError:
+            server.metrics.auth_failures.inc()
+            raise
 
     def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         principal_of(connection).check_admin()
@@ -45,7 +51,7 @@ def create_app(server: ServerState) -> Litestar:
         openai_routes.completions, openai_routes.embeddings, ops_routes.tokenize, ops_routes.detokenize,
         seed_routes.seed_generate, seed_routes.seed_chat, seed_routes.seed_embeddings, seed_routes.seed_models,
         ops_routes.version, admin])
-    return Litestar(
+    app = Litestar(
         route_handlers=[ops_routes.health, ops_routes.ready, ops_routes.metrics, api],
         dependencies={"server": Provide(lambda: server, use_cache=True, sync_to_thread=False)},
         exception_handlers={**EXCEPTION_HANDLERS, ClientDisconnected: _client_gone},
@@ -56,6 +62,9 @@ def create_app(server: ServerState) -> Litestar:
                                      render_plugins=[SwaggerRenderPlugin()]),
         signature_namespace={"ServerState": ServerState},
     )
+    # Around Litestar's own handler (its routing, exception handling and CORS), so 404s are counted too.
+    app.asgi_handler = HttpMetrics(app.asgi_handler, server.metrics)
+    return app
 
 
 def _client_gone(_, __):

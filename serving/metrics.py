@@ -68,6 +68,17 @@ class ServingMetrics:
         self.embedding_requests = Counter(
             "balansis:embedding_requests", "Finished embeddings requests by outcome (ok, abort: the client "
             "left, error).", labels + ("outcome",), registry=self.registry)
+        # HTTP: labelled by route template ("/v1/models/{model_id}", "unmatched"), never the raw
+        # path, and by a method among HTTP's own, so the labels stay few whatever clients send.
+        self.http_requests = Counter(
+            "balansis:http_requests", "HTTP requests by method, route template and status.",
+            ("method", "route", "status"), registry=self.registry)
+        self.http_duration = Histogram(
+            "balansis:http_request_duration_seconds", "Request to the response's last byte (a whole stream).",
+            ("method", "route"), buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.auth_failures = Counter(
+            "balansis:auth_failures", "Requests refused for missing or bad credentials (401).",
+            registry=self.registry)
         self.registry.register(_EngineCollector(stats, memory.device_memory))
         self.registry.register(_StartupCollector(startup))
 
@@ -88,6 +99,40 @@ class ServingMetrics:
             self.embedding_latency.labels(model).observe(time.time() - started)
             self.embedding_inputs.labels(model).inc(num_inputs)
             self.embedding_tokens.labels(model).inc(num_tokens)
+
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class HttpMetrics:
+    """ASGI middleware around the whole app (404s, 405s and CORS answers included): counts and
+    times every HTTP request into `metrics`."""
+
+    def __init__(self, app, metrics: ServingMetrics):
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets when the app fails before it answers
+
+        async def counted_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, counted_send)
+        finally:
+            method = scope.get("method", "")
+            method = method if method in _HTTP_METHODS else "other"
+            route = scope.get("path_template") or "unmatched"  # Litestar sets it once a route matched
+            self._metrics.http_requests.labels(method, route, str(status)).inc()
+            self._metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)
 
 
 class RequestTracker:

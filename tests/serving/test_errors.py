@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from typing import Callable, TypeVar
@@ -274,6 +275,16 @@ def test_missing_api_key_is_401(guarded_server):
         response = httpx.request(method, guarded_server.url + path, timeout=60,
                                  json={"model": MODEL, "messages": MESSAGES} if method == "POST" else None)
         error_of(response, status=401, code="invalid_api_key", kind="authentication_error")
+
+
+def test_refused_credentials_are_counted(guarded_server):
+    def failures():
+        text = httpx.get(guarded_server.url + "/metrics", timeout=60).text
+        return float(re.search(r"^balansis:auth_failures_total (\S+)$", text, re.M).group(1))
+    before = failures()
+    for headers in ({}, {"Authorization": "Bearer k3"}):
+        httpx.get(guarded_server.v1 + "/models", headers=headers, timeout=60)
+    assert failures() == before + 2
 
 
 def test_wrong_api_key_is_401(guarded_server):

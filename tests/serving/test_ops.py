@@ -106,8 +106,11 @@ def test_metrics_expose_every_family(live_server):
         assert families[PREFIX + name].type == "counter", name
     assert 0 <= value(families, "kv_cache_usage_perc") <= 1
     assert value(families, "request_success", "_total", finished_reason="length") >= 1
+    server_wide = {PREFIX + n for n in ("http_requests", "http_request_duration_seconds", "auth_failures")}
     for family in families.values():  # everything is ours and labelled with the model (or the device)
         assert family.name.startswith(PREFIX), family.name
+        if family.name.removesuffix("_created") in server_wide:  # the HTTP layer's: by route, not by model
+            continue
         label = "device" if family.name.startswith(PREFIX + "device_memory") else "model_name"
         assert all(label in s.labels for s in family.samples), family.name
         assert label == "device" or all(s.labels["model_name"] == MODEL for s in family.samples), family.name
@@ -327,3 +330,32 @@ def test_seed_models(live_server):
     assert response.status_code == 200
     assert response.json() == {"models": [{"name": MODEL, "type": "chat", "max_model_len": 512,
                                            "precision_levels": ["standard", "high", "ultra"]}]}
+
+
+def _http(families: dict, name: str, suffix: str = "_total", **labels) -> float:
+    family = families[PREFIX + name]
+    return sum(s.value for s in family.samples if s.name == PREFIX + name + suffix and s.labels == labels)
+
+
+def test_http_requests_are_counted_by_route_template(live_server):
+    """Route templates and HTTP's own methods as labels, never raw paths: the label set stays
+    bounded whatever clients send (scanners, typos, odd methods)."""
+    before = scrape(live_server)
+    with sdk(live_server) as client:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        client.models.retrieve(MODEL)
+    for path in ("/no/such/route", f"/random/{uuid.uuid4().hex}"):
+        assert httpx.get(live_server.url + path, timeout=60).status_code == 404
+    assert 400 <= httpx.request("FROB", live_server.url + "/v1/models", timeout=60).status_code < 500
+    after = scrape(live_server)
+
+    def delta(name, suffix="_total", **labels):
+        return _http(after, name, suffix, **labels) - _http(before, name, suffix, **labels)
+
+    assert delta("http_requests", method="POST", route="/v1/chat/completions", status="200") == 1
+    assert delta("http_requests", method="GET", route="/v1/models/{model_id}", status="200") == 1
+    assert delta("http_requests", method="GET", route="unmatched", status="404") == 2
+    assert delta("http_request_duration_seconds", "_count", method="POST", route="/v1/chat/completions") == 1
+    routes = {s.labels["route"] for s in after[PREFIX + "http_requests"].samples}
+    methods = {s.labels["method"] for s in after[PREFIX + "http_requests"].samples}
+    assert not any("no/such" in r or "random" in r for r in routes) and "FROB" not in methods
