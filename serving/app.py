@@ -15,6 +15,7 @@ from importlib import metadata
 
 import anyio.to_thread
 from litestar import Litestar, Router
+from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.handlers import BaseRouteHandler
@@ -58,6 +59,7 @@ def create_app(server: ServerState) -> Litestar:
         on_startup=[server.start_loading],
         on_shutdown=[server.shutdown],
         request_max_body_size=server.config.max_body_bytes,
+        cors_config=_cors(server.config.allowed_origins),
         openapi_config=OpenAPIConfig(title="BalansisLLM", version=metadata.version("balansis"), path="/docs",
                                      render_plugins=[SwaggerRenderPlugin()]),
         signature_namespace={"ServerState": ServerState},
@@ -65,6 +67,19 @@ def create_app(server: ServerState) -> Litestar:
     # Around Litestar's own handler (its routing, exception handling and CORS), so 404s are counted too.
     app.asgi_handler = HttpMetrics(app.asgi_handler, server.metrics)
     return app
+
+
+def _cors(origins: tuple[str, ...]) -> CORSConfig | None:
+    """Browsers on `origins` may call the API (preflights answered before authentication, which
+    they carry no key for); the headers SDKs read are exposed. No cookies: keys travel in headers."""
+    if not origins:
+        return None
+    return CORSConfig(allow_origins=list(origins), allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                      allow_headers=["Authorization", "Content-Type", "X-Request-ID", "OpenAI-Organization",
+                                     "OpenAI-Project", "X-Stainless-Arch", "X-Stainless-Lang",
+                                     "X-Stainless-OS", "X-Stainless-Package-Version", "X-Stainless-Runtime",
+                                     "X-Stainless-Runtime-Version", "X-Stainless-Retry-Count"],
+                      expose_headers=["Retry-After", "X-Request-ID"], allow_credentials=False, max_age=600)
 
 
 def _client_gone(_, __):

@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jwt.add_argument("--jwt-jwks-url", default=None, metavar="URL", help="a JWKS of RS256/ES256 keys")
     jwt.add_argument("--jwt-issuer", default=None, help="the iss tokens must carry")
     jwt.add_argument("--jwt-audience", default=None, help="the aud tokens must carry")
+    parser.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
+                        help="CORS: browser origins that may call the API, e.g. https://app.example.com "
+                             "('*': any; default: none)")
     parser.add_argument("--database-url", default=None,
                         help="the database of stored keys: sqlite:///PATH or postgresql://… (default: "
                              "$BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
@@ -91,7 +94,8 @@ def serve_command(args: argparse.Namespace) -> int:
                       public_key_file=args.jwt_public_key, jwks_url=args.jwt_jwks_url, issuer=args.jwt_issuer,
                       audience=args.jwt_audience)
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
-                         jwt=jwt, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+                         jwt=jwt, allowed_origins=tuple(args.allowed_origins), max_queue=args.max_queue,
+                         drain_timeout=args.drain_timeout)
     models = model_specs(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server: _DrainingServer | None = None

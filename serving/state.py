@@ -52,6 +52,7 @@ class ServeConfig:
     require_auth: bool = False  # authenticate with the stored keys (serving.api_keys) too
     database_url: str | None = None  # the key store's (serving.database); None: the default SQLite file
     jwt: JwtSettings = JwtSettings()  # bearer JWTs (serving.jwt_auth); off unless a key source is given
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any)
     # Per model: sequences (embedding requests for an encoder) admitted beyond
     # what runs at once; more get a 429.
     max_queue: int = 256

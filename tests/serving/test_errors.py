@@ -563,3 +563,25 @@ def test_engine_stopping_mid_stream_sends_an_error_event_then_done(tiny_loaded):
         sdk_error(info, status=503, code="service_unavailable", kind="service_unavailable")
     finally:
         server.stop()
+
+
+# -- CORS ----------------------------------------------------------------------------------------
+
+def test_cors_allows_the_named_origins_only(tiny_loaded):
+    server = start_server(tiny_loaded, api_keys=("k1",), allowed_origins=("https://app.example.com",))
+    try:
+        preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}
+        answer = httpx.options(server.v1 + "/chat/completions", headers=preflight, timeout=60)
+        assert answer.status_code in (200, 204)  # a preflight carries no key: answered before authentication
+        assert answer.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        reply = httpx.post(server.v1 + "/chat/completions", timeout=60,
+                           json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
+                           headers={"Origin": "https://app.example.com", "Authorization": "Bearer k1"})
+        assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == "https://app.example.com"
+        other = httpx.options(server.v1 + "/chat/completions", timeout=60,
+                              headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        server.stop()
