@@ -26,7 +26,7 @@ from serving import admin_routes, openai_routes, ops_routes, seed_routes
 from serving.auth import principal_of
 from serving.errors import EXCEPTION_HANDLERS, RequestError
 from serving.generation import ClientDisconnected
-from serving.metrics import HttpMetrics
+from serving.http_observer import HttpObserver
 from serving.state import ServerState
 
 
@@ -60,12 +60,13 @@ def create_app(server: ServerState) -> Litestar:
         on_shutdown=[server.shutdown],
         request_max_body_size=server.config.max_body_bytes,
         cors_config=_cors(server.config.allowed_origins),
+        logging_config=None,  # logging is the server's (serving.logs), not a second format of Litestar's
         openapi_config=OpenAPIConfig(title="BalansisLLM", version=metadata.version("balansis"), path="/docs",
                                      render_plugins=[SwaggerRenderPlugin()]),
         signature_namespace={"ServerState": ServerState},
     )
-    # Around Litestar's own handler (its routing, exception handling and CORS), so 404s are counted too.
-    app.asgi_handler = HttpMetrics(app.asgi_handler, server.metrics)
+    # Around Litestar's own handler (its routing, exception handling and CORS), so 404s are seen too.
+    app.asgi_handler = HttpObserver(app.asgi_handler, server.metrics, log_requests=server.config.log_requests)
     return app
 
 

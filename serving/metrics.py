@@ -101,40 +101,6 @@ class ServingMetrics:
             self.embedding_tokens.labels(model).inc(num_tokens)
 
 
-_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-class HttpMetrics:
-    """ASGI middleware around the whole app (404s, 405s and CORS answers included): counts and
-    times every HTTP request into `metrics`."""
-
-    def __init__(self, app, metrics: ServingMetrics):
-        self._app = app
-        self._metrics = metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # what the client gets when the app fails before it answers
-
-        async def counted_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._app(scope, receive, counted_send)
-        finally:
-            method = scope.get("method", "")
-            method = method if method in _HTTP_METHODS else "other"
-            route = scope.get("path_template") or "unmatched"  # Litestar sets it once a route matched
-            self._metrics.http_requests.labels(method, route, str(status)).inc()
-            self._metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)
-
-
 class RequestTracker:
     """Times one request (all its choices) from the outputs the server receives."""
 

@@ -29,6 +29,7 @@ import uvicorn
 from engine.engine_args import add_engine_arguments, engine_config_from_args
 from engine.startup import StartupPhases
 from model.pooling import PoolingMode
+from serving import logs
 from serving.jwt_auth import JwtSettings
 from serving.state import ModelSpec, ServeConfig, ServerState
 
@@ -76,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=_DEFAULTS.drain_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", choices=("json", "text"), default=None,
+                        help="one JSON object per line, or text (default: json when stdout is not a terminal)")
     parser.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request")
     add_engine_arguments(parser)
     # A server warms up before it says it is ready: no compile while serving.
@@ -94,10 +97,10 @@ def serve_command(args: argparse.Namespace) -> int:
                       public_key_file=args.jwt_public_key, jwks_url=args.jwt_jwks_url, issuer=args.jwt_issuer,
                       audience=args.jwt_audience)
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
-                         jwt=jwt, allowed_origins=tuple(args.allowed_origins), max_queue=args.max_queue,
-                         drain_timeout=args.drain_timeout)
+                         jwt=jwt, allowed_origins=tuple(args.allowed_origins), log_requests=not args.no_access_log,
+                         max_queue=args.max_queue, drain_timeout=args.drain_timeout)
     models = model_specs(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(level=args.log_level, log_format=args.log_format)
     server: _DrainingServer | None = None
 
     def on_load_failure(error: Exception) -> None:
@@ -107,8 +110,9 @@ def serve_command(args: argparse.Namespace) -> int:
     state = ServerState(config, models, on_load_failure=on_load_failure)
     from serving.app import create_app
 
-    uvicorn_config = uvicorn.Config(create_app(state), host=args.host, port=args.port,
-                                    log_level=args.log_level, access_log=not args.no_access_log,
+    # Logging stays as logs.configure set it (log_config=None); the access log is ours.
+    uvicorn_config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_config=None,
+                                    log_level=args.log_level, access_log=False,
                                     timeout_graceful_shutdown=5, lifespan="on")
     server = _DrainingServer(uvicorn_config, state)
     server.run()
@@ -121,7 +125,7 @@ def _follow(args: argparse.Namespace) -> int:
     specs = model_specs(args)
     if len(specs) != 1 or specs[0].is_encoder:
         raise ValueError("a server across several processes serves one decoder model")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(level=args.log_level, log_format=args.log_format)
     engine = specs[0].load(StartupPhases(specs[0].name))
     logging.getLogger(__name__).info("process %d follows process 0", jax.process_index())
     engine.runner.follow()

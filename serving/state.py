@@ -53,6 +53,7 @@ class ServeConfig:
     database_url: str | None = None  # the key store's (serving.database); None: the default SQLite file
     jwt: JwtSettings = JwtSettings()  # bearer JWTs (serving.jwt_auth); off unless a key source is given
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any)
+    log_requests: bool = True  # an access-log line per request (serving.http_observer)
     # Per model: sequences (embedding requests for an encoder) admitted beyond
     # what runs at once; more get a 429.
     max_queue: int = 256
