@@ -5,9 +5,10 @@ spanning all processes' devices. Process 0 alone serves HTTP and schedules;
 for each compiled call it makes, it first publishes the call's host inputs
 (the step's arrays before packing, a few KB) through the key-value store of
 JAX's distributed runtime (`jax.distributed`), and every other process makes
-the same call with them. The collectives inside the compiled programs keep
-the processes in step: process 0 cannot finish call k before every process
-has read and joined it, so call k - 1's key can be deleted when k is written.
+the same call with them. The collectives inside the forward programs keep
+the processes in step (process 0 cannot finish such a call before every
+process has read and joined it); the sampler's calls have none, so a
+follower may trail by a call or two, and the last `_KEPT_CALLS` keys stay.
 
 Where the processes find each other (flags, else environment):
 
@@ -32,6 +33,11 @@ import socket
 DEFAULT_COORDINATOR_PORT = 8476
 POLL_MS = 5_000  # a follower waits this long for the next call, then asks again (an idle server)
 _STOP = "stop"
+# Keys of past calls kept in the store. A call without collectives (the sampler's) lets process 0
+# run ahead of a follower that has not read it yet; deleting it at once (as the next call was
+# published) left a slow follower waiting for a key that was gone, and process 0's shutdown
+# waiting for that follower (seen under load). Followers trail by a call or two: 16 is ample.
+_KEPT_CALLS = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,8 +118,8 @@ class CallChannel:
     def publish(self, call) -> None:
         """Process 0: announce the next call."""
         self._client.key_value_set_bytes(f"{self._prefix}/{self._count}", pickle.dumps(call))
-        if self._count:
-            self._client.key_value_delete(f"{self._prefix}/{self._count - 1}")
+        if self._count >= _KEPT_CALLS:
+            self._client.key_value_delete(f"{self._prefix}/{self._count - _KEPT_CALLS}")
         self._count += 1
 
     def stop(self) -> None:
