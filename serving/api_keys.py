@@ -29,6 +29,7 @@ from serving.database import API_KEYS, AUDIT_LOG
 KEY_PREFIX = "sk-"
 DISPLAY_LENGTH = 12  # "sk-" and 9 characters of the random part
 CACHE_SECONDS = 5.0
+_DRAWS = 4  # fresh keys tried when a display prefix is taken, before the error is the caller's
 
 
 class Role(enum.Enum):
@@ -105,7 +106,7 @@ class KeyStore:
         if any(not m or not isinstance(m, str) for m in models):
             raise ValueError("models must be non-empty model names")
         now = self._clock()
-        while True:  # a display prefix already taken (about 1 in 2**54): draw again
+        for attempt in range(_DRAWS):  # a display prefix already taken (about 1 in 2**54): draw again
             key = KEY_PREFIX + secrets.token_urlsafe(32)
             record = ApiKey(prefix=key[:DISPLAY_LENGTH], name=name, user_id=user_id or name, role=Role(role),
                             tier=Tier(tier), models=tuple(models), rpm=rpm, tpm=tpm,
@@ -117,8 +118,11 @@ class KeyStore:
                     connection.execute(API_KEYS.insert().values(**values))
                     self._audit(connection, actor, "key.create", record.prefix, None, record.as_json(), now)
             except sa.exc.IntegrityError:
+                if attempt == _DRAWS - 1:
+                    raise
                 continue
             return key, record
+        raise AssertionError("unreachable")
 
     def list(self) -> list[ApiKey]:
         with self._engine.connect() as connection:

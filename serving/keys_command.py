@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import time
 
 from serving import database
 from serving.api_keys import KeyStore, Role, Tier, parse_duration
@@ -83,7 +84,7 @@ def keys_command(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(record.as_json()))
                 continue
-            state = "revoked" if record.revoked_at else ("expired" if not record.is_valid(_now()) else "active")
+            state = "revoked" if record.revoked_at else ("expired" if not record.is_valid(time.time()) else "active")
             expires = "never" if record.expires_at is None else _iso(record.expires_at)
             models = ",".join(record.models) or "all models"
             print(f"{record.prefix}  {state:7s}  {record.role.value:5s}  {record.tier.value:10s}  "
@@ -105,10 +106,6 @@ def db_command(args: argparse.Namespace) -> int:
     before, after = database.upgrade(_connect(args.database_url, migrate=False))
     print(f"schema version {after}" + ("" if before == after else f" (was {before})"))
     return 0
-
-
-def _now() -> float:
-    return datetime.datetime.now(datetime.UTC).timestamp()
 
 
 def _iso(seconds: float) -> str:
