@@ -94,7 +94,11 @@ async def _complete(http_request: Request, server: ServerState, request: ParsedR
     # Tokenising a long prompt (or rendering a chat template) takes a while:
     # off the event loop, so other streams and the probes keep going.
     prompts = await asyncio.to_thread(prompt_token_ids, request, tokenizer)
-    params = [sampling_params(request, ids, engine) for ids in prompts]
+    logprobs_param = "top_logprobs" if request.endpoint is Endpoint.CHAT else "logprobs"
+    params = [server.config.limits.apply(sampling_params(request, ids, engine), num_prompt_tokens=len(ids),
+                                         max_tokens_given=request.max_tokens is not None,
+                                         prompt_param=request.prompt_param, max_tokens_param=request.max_tokens_param,
+                                         logprobs_param=logprobs_param) for ids in prompts]
     prefix = "chatcmpl" if request.endpoint is Endpoint.CHAT else "cmpl"
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     created = int(time.time())

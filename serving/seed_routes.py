@@ -62,7 +62,7 @@ async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
                         server: NamedDependency[ServerState]) -> SeedGenerateResponse:
     model = server.model(None, generate=True, principal=principal_of(request))
     prompt_ids = await asyncio.to_thread(model.info.tokenizer.encode, data.prompt)  # off the event loop
-    params = _params(model, data, prompt_ids, data.max_length, prompt_param="prompt")
+    params = _params(server, model, data, prompt_ids, data.max_length, prompt_param="prompt")
     output = await _generate(request, server, model, prompt_ids, params)
     choice = output.outputs[0]
     return SeedGenerateResponse(generated_text=choice.text, tokens_generated=len(choice.token_ids),
@@ -83,7 +83,7 @@ async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
     max_length = data.max_length
     if max_length is None:
         max_length = max(1, min(_DEFAULT_CHAT_MAX_LENGTH, info.max_model_len - len(prompt_ids)))
-    params = _params(model, data, prompt_ids, max_length, prompt_param="messages")
+    params = _params(server, model, data, prompt_ids, max_length, prompt_param="messages")
     if data.stream:
         admission = model.admit(1)  # now, not when the body starts: see ServedModel.admit
         return AdmittedStream(_chat_events(server, model, prompt_ids, params), admission=admission)
@@ -109,8 +109,8 @@ async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest
                                   inference_time=round(time.time() - started, 6))
 
 
-def _params(model: ServedModel, data: SeedGenerateRequest | SeedChatRequest, prompt_ids: list[int],
-            max_length: int, *, prompt_param: str) -> SamplingParams:
+def _params(server: ServerState, model: ServedModel, data: SeedGenerateRequest | SeedChatRequest,
+            prompt_ids: list[int], max_length: int, *, prompt_param: str) -> SamplingParams:
     """The request's SamplingParams, checked by the engine (LLMEngine.check_request)."""
     try:
         params = SamplingParams(max_tokens=max_length, temperature=data.temperature, top_p=data.top_p,
@@ -123,7 +123,9 @@ def _params(model: ServedModel, data: SeedGenerateRequest | SeedChatRequest, pro
         model.engine_core.check_request(prompt_ids, params, max_tokens_name="max_length")
     except RequestRejected as e:
         raise rejected(e, prompt_param=prompt_param, max_tokens_param="max_length") from None
-    return params
+    return server.config.limits.apply(params, num_prompt_tokens=len(prompt_ids),
+                                      max_tokens_given=data.max_length is not None, prompt_param=prompt_param,
+                                      max_tokens_param="max_length")
 
 
 async def _generate(request: Request, server: ServerState, model: ServedModel, prompt_ids: list[int],

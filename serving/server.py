@@ -26,11 +26,12 @@ import time
 import jax
 import uvicorn
 
-from engine.engine_args import add_engine_arguments, engine_config_from_args
+from engine.engine_args import add_engine_arguments, engine_config_from_args, parse_memory
 from engine.startup import StartupPhases
 from model.pooling import PoolingMode
 from serving import logs
 from serving.jwt_auth import JwtSettings
+from serving.request_limits import RequestLimits
 from serving.state import ModelSpec, ServeConfig, ServerState
 
 log = logging.getLogger("balansis.serving")
@@ -71,6 +72,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", default=None,
                         help="the database of stored keys: sqlite:///PATH or postgresql://… (default: "
                              "$BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
+    limits = parser.add_argument_group("what one request may ask for")
+    limits.add_argument("--max-body-size", type=_size, default=_DEFAULTS.max_body_bytes,
+                        help="largest request body, e.g. 16MiB (default: 16MiB); more is a 413")
+    limits.add_argument("--max-prompt-tokens", type=_positive, default=None,
+                        help="longest prompt in tokens (default: the model's context)")
+    limits.add_argument("--max-completion-tokens", type=_positive, default=None,
+                        help="most new tokens a choice (max_tokens; an unset one is lowered to it; default: "
+                             "the context)")
+    limits.add_argument("--max-n", type=_positive, default=_DEFAULTS.limits.max_n,
+                        help="most choices a request (n; default: %(default)s)")
+    limits.add_argument("--max-logprobs", type=int, default=_DEFAULTS.limits.max_logprobs,
+                        help="most alternatives a token for logprobs (default and most: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=_DEFAULTS.max_queue,
                         help="per model: sequences admitted beyond --max-num-seqs (embedding requests, "
                              "for an embedding model) before new requests get a 429 (default: %(default)s)")
@@ -88,6 +101,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(warmup=True)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    value = parse_memory(text)
+    if isinstance(value, float):
+        raise argparse.ArgumentTypeError(f"a size such as 16MiB or 1000000, got {text!r}")
+    return value
+
+
 def serve_command(args: argparse.Namespace) -> int:
     if jax.process_index() != 0:
         return _follow(args)
@@ -98,7 +125,11 @@ def serve_command(args: argparse.Namespace) -> int:
                       audience=args.jwt_audience)
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
                          jwt=jwt, allowed_origins=tuple(args.allowed_origins), log_requests=not args.no_access_log,
-                         max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+                         max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                         max_body_bytes=args.max_body_size,
+                         limits=RequestLimits(max_prompt_tokens=args.max_prompt_tokens,
+                                              max_completion_tokens=args.max_completion_tokens,
+                                              max_n=args.max_n, max_logprobs=args.max_logprobs))
     models = model_specs(args)
     logs.configure(level=args.log_level, log_format=args.log_format)
     server: _DrainingServer | None = None

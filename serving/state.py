@@ -37,6 +37,7 @@ from serving.api_keys import KeyStore
 from serving.auth import ANONYMOUS, Authenticator, Principal
 from serving.errors import RequestError
 from serving.jwt_auth import JwtSettings, JwtVerifier
+from serving.request_limits import RequestLimits
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger("balansis.serving")
@@ -59,6 +60,7 @@ class ServeConfig:
     max_queue: int = 256
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     max_body_bytes: int = 16 * 2**20
+    limits: RequestLimits = RequestLimits()  # the operator's bounds on one request (serving.request_limits)
 
     def __post_init__(self):
         if self.max_queue < 0:

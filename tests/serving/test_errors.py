@@ -24,6 +24,7 @@ import pytest
 
 from engine.llm_engine import EngineConfig, LLMEngine
 from serving.state import ModelSpec, ServeConfig, ServerState
+from serving.request_limits import RequestLimits
 from tests.serving.conftest import MODEL, LiveServer, start_server
 
 T = TypeVar("T")
@@ -583,5 +584,35 @@ def test_cors_allows_the_named_origins_only(tiny_loaded):
         other = httpx.options(server.v1 + "/chat/completions", timeout=60,
                               headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+    finally:
+        server.stop()
+
+
+# -- the operator's bounds on one request (serving.request_limits) --------------------------------
+
+def test_the_operators_request_limits_are_400s_naming_the_flag(tiny_loaded):
+    limits = RequestLimits(max_prompt_tokens=64, max_completion_tokens=4, max_n=2, max_logprobs=3)
+    server = start_server(tiny_loaded, limits=limits)
+    try:
+        with sdk(server) as client:
+            cases = [(dict(messages=[{"role": "user", "content": "word " * 80}]), "messages", "--max-prompt-tokens"),
+                     (dict(max_tokens=5), "max_tokens", "--max-completion-tokens"),
+                     (dict(max_completion_tokens=9), "max_completion_tokens", "--max-completion-tokens"),
+                     (dict(n=3), "n", "--max-n"),
+                     (dict(logprobs=True, top_logprobs=4), "top_logprobs", "--max-logprobs")]
+            for fields, param, flag in cases:
+                with pytest.raises(openai.BadRequestError) as info:
+                    client.chat.completions.create(**{"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                      **fields})
+                error = sdk_error(info, status=400, code="invalid_value", param=param)
+                assert flag in error["message"], error
+            # An unset max_tokens is lowered to the bound, not refused; what fits is served.
+            reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                   extra_body={"ignore_eos": True})
+            assert reply.usage.completion_tokens == 4
+            reply = client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, n=2, logprobs=3)
+            assert len(reply.choices) == 2
+        error_of(httpx.post(server.url + "/api/v1/generate", json={"prompt": "Hi", "max_length": 5}, timeout=60),
+                 status=400, code="invalid_value", param="max_length")
     finally:
         server.stop()
