@@ -44,6 +44,11 @@ def create_app(server: ServerState) -> Litestar:
             raise
 
     def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        # Without authentication everyone is ANONYMOUS (an admin for the other routes' checks); the
+        # key store may be shared with replicas that do authenticate, so it stays closed.
+        if not authenticator.is_on:
+            raise RequestError("the admin API needs authentication on (--api-key, --require-auth or a JWT "
+                               "key source)", status_code=403, code="insufficient_permissions")
         principal_of(connection).check_admin()
 
     admin = Router(path="/admin", guards=[require_admin], route_handlers=admin_routes.ROUTES)

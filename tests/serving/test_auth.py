@@ -127,3 +127,11 @@ def test_every_route_but_probes_metrics_and_docs_needs_a_key(keyed_server):
             error_of(response, status=401, code="invalid_api_key", kind="authentication_error")
     for path in sorted(OPEN_ROUTES) + ["/docs/openapi.json"]:
         assert httpx.get(keyed_server.url + path, timeout=60).status_code == 200, path
+
+
+def test_the_admin_api_stays_closed_on_a_server_without_authentication(live_server):
+    """Anyone may use an open server's models, but not the key store it may share with replicas."""
+    for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"), ("DELETE", "/admin/keys/sk-x")):
+        response = httpx.request(method, live_server.url + path, json={"name": "x"} if method == "POST" else None,
+                                 timeout=60)
+        error_of(response, status=403, code="insufficient_permissions", kind="permission_error")
