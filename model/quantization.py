@@ -6,7 +6,8 @@ scale per output channel `s [N]`, with `w ≈ q · s` (`s = max|w[:, n]| / 127`,
 computes with those weights, not with the float ones they came from.
 
 Two ways to multiply activations `x [M, K]` by such a weight (measured on
-XLA:CPU by `python -m bench.int8_matmul`; both read 1 byte per weight):
+XLA:CPU per decode step and prefill by `python -m bench.roofline
+--quantizations none int8 int8-dynamic`; both read 1 byte per weight):
 
 - weight-only: `(x @ float(q)) · s` — the activations stay float, the
   integers convert inside the dot. Fastest for few rows: at M ≤ 16 the
