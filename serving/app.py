@@ -33,14 +33,25 @@ from serving.state import ServerState
 def create_app(server: ServerState) -> Litestar:
     authenticator = server.authenticator
 
+    failures = server.auth_failure_limit
+
     async def authenticate(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         if not authenticator.is_on:
             return
+        address = connection.client.host if connection.client else "unknown"
+        if failures is not None:
+            try:
+                failures.check(address)
+            except RequestError:
+                server.metrics.rate_limited.labels("auth_failures").inc()
+                raise
         try:  # a stored key is looked up in the database: off the event loop
             connection.state.principal = await anyio.to_thread.run_sync(
                 authenticator.authenticate, connection.headers.get("authorization"))
         except RequestError:
             server.metrics.auth_failures.inc()
+            if failures is not None:
+                failures.count(address)
             raise
 
     def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import math
+import time
+
+from limits import RateLimitItemPerMinute, storage, strategies
 
 from serving.api_keys import KEY_PREFIX, ApiKey, KeyStore, Role, Tier
 from serving.errors import RequestError
@@ -48,6 +52,29 @@ class Principal:
 # Without authentication every caller is this: an admin, so nothing is refused.
 ANONYMOUS = Principal(user_id="anonymous", role=Role.ADMIN, tier=Tier.ENTERPRISE)
 STATIC = Principal(user_id="static key", role=Role.ADMIN, tier=Tier.ENTERPRISE)
+
+
+class FailureLimit:
+    """At most `per_minute` refused credentials per client address in any minute (a moving window,
+    the `limits` library's); past that, the address gets a 429 until its window frees, so keys
+    cannot be guessed at speed. In this process's memory (a replica counts its own)."""
+
+    def __init__(self, per_minute: int):
+        self._item = RateLimitItemPerMinute(per_minute)
+        self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+
+    def check(self, address: str) -> None:
+        """A 429 when `address` has used up its failures."""
+        if self._limiter.test(self._item, "auth-failures", address):
+            return
+        reset = self._limiter.get_window_stats(self._item, "auth-failures", address).reset_time
+        seconds = max(1, math.ceil(reset - time.time()))
+        raise RequestError(f"too many refused credentials from this address; retry in {seconds} s",
+                           status_code=429, code="rate_limit_exceeded",
+                           headers={"Retry-After": str(seconds), "retry-after-ms": str(seconds * 1000)})
+
+    def count(self, address: str) -> None:
+        self._limiter.hit(self._item, "auth-failures", address)
 
 
 def principal_of(connection) -> Principal:

@@ -79,6 +79,9 @@ class ServingMetrics:
         self.auth_failures = Counter(
             "balansis:auth_failures", "Requests refused for missing or bad credentials (401).",
             registry=self.registry)
+        self.rate_limited = Counter(
+            "balansis:rate_limited", "Requests refused by a limit (429), by the limit's reason.", ("reason",),
+            registry=self.registry)
         self.registry.register(_EngineCollector(stats, memory.device_memory))
         self.registry.register(_StartupCollector(startup))
 

@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jwt.add_argument("--jwt-jwks-url", default=None, metavar="URL", help="a JWKS of RS256/ES256 keys")
     jwt.add_argument("--jwt-issuer", default=None, help="the iss tokens must carry")
     jwt.add_argument("--jwt-audience", default=None, help="the aud tokens must carry")
+    parser.add_argument("--max-auth-failures-per-minute", type=int, default=_DEFAULTS.max_auth_failures_per_minute,
+                        help="refused credentials per client address in a minute before it gets 429s "
+                             "(0: no limit; default: %(default)s)")
     parser.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
                         help="CORS: browser origins that may call the API, e.g. https://app.example.com "
                              "('*': any; default: none)")
@@ -125,6 +128,7 @@ def serve_command(args: argparse.Namespace) -> int:
                       audience=args.jwt_audience)
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
                          jwt=jwt, allowed_origins=tuple(args.allowed_origins), log_requests=not args.no_access_log,
+                         max_auth_failures_per_minute=args.max_auth_failures_per_minute or None,
                          max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                          max_body_bytes=args.max_body_size,
                          limits=RequestLimits(max_prompt_tokens=args.max_prompt_tokens,

@@ -34,7 +34,7 @@ from model.numerics import Precision
 from model.pooling import PoolingMode
 from serving import database
 from serving.api_keys import KeyStore
-from serving.auth import ANONYMOUS, Authenticator, Principal
+from serving.auth import ANONYMOUS, Authenticator, FailureLimit, Principal
 from serving.errors import RequestError
 from serving.jwt_auth import JwtSettings, JwtVerifier
 from serving.request_limits import RequestLimits
@@ -55,6 +55,8 @@ class ServeConfig:
     jwt: JwtSettings = JwtSettings()  # bearer JWTs (serving.jwt_auth); off unless a key source is given
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any)
     log_requests: bool = True  # an access-log line per request (serving.http_observer)
+    # Refused credentials per client address and minute before its requests get 429s; None: no limit.
+    max_auth_failures_per_minute: int | None = 10
     # Per model: sequences (embedding requests for an encoder) admitted beyond
     # what runs at once; more get a 429.
     max_queue: int = 256
@@ -69,6 +71,9 @@ class ServeConfig:
             raise ValueError("an API key must not be empty")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.max_auth_failures_per_minute is not None and self.max_auth_failures_per_minute < 1:
+            raise ValueError(f"max_auth_failures_per_minute must be None or at least 1, "
+                             f"got {self.max_auth_failures_per_minute}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -227,6 +232,8 @@ class ServerState:
         self.metrics = ServingMetrics(stats=self.stats, startup=self.startup_seconds)
         self._loader: threading.Thread | None = None
         self.key_store = _key_store(config)
+        self.auth_failure_limit = (None if config.max_auth_failures_per_minute is None
+                                   else FailureLimit(config.max_auth_failures_per_minute))
         self.authenticator = Authenticator(static_keys=config.api_keys, store=self.key_store,
                                            required=config.require_auth,
                                            jwt=JwtVerifier(config.jwt) if config.jwt.is_on else None)

@@ -24,7 +24,8 @@ OPEN_ROUTES = {"/health", "/ready", "/metrics"}
 def keyed_server(tiny_loaded, tmp_path_factory):
     """Authentication required: the static admin key `admin-secret` and the stored keys."""
     url = f"sqlite:///{tmp_path_factory.mktemp('keys') / 'keys.db'}"
-    server = start_server(tiny_loaded, api_keys=("admin-secret",), require_auth=True, database_url=url)
+    server = start_server(tiny_loaded, api_keys=("admin-secret",), require_auth=True, database_url=url,
+                          max_auth_failures_per_minute=None)  # the route walk sends many bad keys
     server.database_url = url
     yield server
     server.stop()
@@ -135,3 +136,23 @@ def test_the_admin_api_stays_closed_on_a_server_without_authentication(live_serv
         response = httpx.request(method, live_server.url + path, json={"name": "x"} if method == "POST" else None,
                                  timeout=60)
         error_of(response, status=403, code="insufficient_permissions", kind="permission_error")
+
+
+def test_an_address_that_keeps_guessing_keys_gets_429s(tiny_loaded):
+    """After 3 refused credentials in a minute (the flag's value here; 10 by default) an address gets
+    429s with Retry-After, a good key included, until its window frees."""
+    server = start_server(tiny_loaded, api_keys=("good-key",), max_auth_failures_per_minute=3)
+    try:
+        for _ in range(3):
+            error_of(httpx.get(server.v1 + "/models", headers={"Authorization": "Bearer guess"}, timeout=60),
+                     status=401, code="invalid_api_key", kind="authentication_error")
+        for headers in ({"Authorization": "Bearer guess"}, {"Authorization": "Bearer good-key"}):
+            response = httpx.get(server.v1 + "/models", headers=headers, timeout=60)
+            error_of(response, status=429, code="rate_limit_exceeded", kind="rate_limit_error")
+            assert 1 <= int(response.headers["retry-after"]) <= 60
+            assert int(response.headers["retry-after-ms"]) == 1000 * int(response.headers["retry-after"])
+        assert httpx.get(server.url + "/health", timeout=60).status_code == 200  # probes stay open
+        metrics = httpx.get(server.url + "/metrics", timeout=60).text
+        assert 'balansis:rate_limited_total{reason="auth_failures"} 2.0' in metrics
+    finally:
+        server.stop()

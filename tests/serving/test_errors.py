@@ -264,8 +264,9 @@ def test_wrong_method_is_405_with_an_error_body(live_server):
 
 @pytest.fixture(scope="module")
 def guarded_server(tiny_loaded):
-    """API keys k1 and k2, and bodies of at most 2 KiB (one server for both, to compile once)."""
-    server = start_server(tiny_loaded, api_keys=("k1", "k2"), max_body_bytes=2048)
+    """API keys k1 and k2, and bodies of at most 2 KiB (one server for both, to compile once); no limit
+    on refused credentials, which these tests send many of (its own test below)."""
+    server = start_server(tiny_loaded, api_keys=("k1", "k2"), max_body_bytes=2048, max_auth_failures_per_minute=None)
     yield server
     server.stop()
 
