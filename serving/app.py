@@ -46,13 +46,19 @@ def create_app(server: ServerState) -> Litestar:
                 server.metrics.rate_limited.labels("auth_failures").inc()
                 raise
         try:  # a stored key is looked up in the database: off the event loop
-            connection.state.principal = await anyio.to_thread.run_sync(
-                authenticator.authenticate, connection.headers.get("authorization"))
+            principal = await anyio.to_thread.run_sync(authenticator.authenticate,
+                                                       connection.headers.get("authorization"))
         except RequestError:
             server.metrics.auth_failures.inc()
             if failures is not None:
                 failures.count(address)
             raise
+        connection.state.principal = principal
+        # Every authenticated response says where the caller's budget stands (serving.http_observer
+        # adds the headers); a generating request replaces them by what its reservation left.
+        snapshot = await server.rate_limiter.peek(principal.budget)
+        if snapshot is not None:
+            connection.state.rate_limit_headers = snapshot.headers()
 
     def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         # Without authentication everyone is ANONYMOUS (an admin for the other routes' checks); the
@@ -73,7 +79,7 @@ def create_app(server: ServerState) -> Litestar:
         dependencies={"server": Provide(lambda: server, use_cache=True, sync_to_thread=False)},
         exception_handlers={**EXCEPTION_HANDLERS, ClientDisconnected: _client_gone},
         on_startup=[server.start_loading],
-        on_shutdown=[server.shutdown],
+        on_shutdown=[server.shutdown, server.close_connections],
         request_max_body_size=server.config.max_body_bytes,
         cors_config=_cors(server.config.allowed_origins),
         logging_config=None,  # logging is the server's (serving.logs), not a second format of Litestar's

@@ -21,6 +21,7 @@ from limits import RateLimitItemPerMinute, storage, strategies
 from serving.api_keys import KEY_PREFIX, ApiKey, KeyStore, Role, Tier
 from serving.errors import RequestError
 from serving.jwt_auth import InvalidToken, JwtVerifier
+from serving.rate_limits import Budget, limits_for
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -33,6 +34,16 @@ class Principal:
     models: tuple[str, ...] = ()  # empty: every model
     key_prefix: str | None = None  # a stored key's display prefix
     api_key: ApiKey | None = None  # the stored key's record (its limits)
+    is_limited: bool = True  # False for static keys and without authentication: no budget
+
+    @property
+    def budget(self) -> Budget | None:
+        """Whose rate limits this caller spends (serving.rate_limits): its stored key's, else its user's
+        (a JWT's `sub`); None when nothing limits it."""
+        if not self.is_limited:
+            return None
+        owner = f"key:{self.key_prefix}" if self.key_prefix is not None else f"user:{self.user_id}"
+        return Budget(owner, limits_for(self.tier, self.api_key))
 
     @property
     def actor(self) -> str:
@@ -50,8 +61,8 @@ class Principal:
 
 
 # Without authentication every caller is this: an admin, so nothing is refused.
-ANONYMOUS = Principal(user_id="anonymous", role=Role.ADMIN, tier=Tier.ENTERPRISE)
-STATIC = Principal(user_id="static key", role=Role.ADMIN, tier=Tier.ENTERPRISE)
+ANONYMOUS = Principal(user_id="anonymous", role=Role.ADMIN, tier=Tier.ENTERPRISE, is_limited=False)
+STATIC = Principal(user_id="static key", role=Role.ADMIN, tier=Tier.ENTERPRISE, is_limited=False)
 
 
 class FailureLimit:

@@ -38,18 +38,22 @@ _MISSING_FIELD = re.compile(r"missing required field `([^`]*)`")
 
 class RequestError(Exception):
     """A request we cannot serve, as OpenAI reports it: a message, the parameter at fault, a
-    code, the status, and response headers (Retry-After on a 429)."""
+    code, the status, and response headers (Retry-After on a 429). `error_type` overrides the type the
+    status implies, as OpenAI's rate limits do ("requests", "tokens", "insufficient_quota")."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status_code: int = 400, headers: dict[str, str] | None = None):
+                 status_code: int = 400, headers: dict[str, str] | None = None, error_type: str | None = None):
         super().__init__(message)
         self.message, self.param, self.status_code = message, param, status_code
         self.code = code or _CODES.get(status_code, "error")
         self.headers = headers or {}
+        self.error_type = error_type
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error response body, {"error": {"message", "type", "param", "code"}}."""
-        if self.status_code >= 500 and self.status_code != 503:
+        if self.error_type is not None:
+            kind = self.error_type
+        elif self.status_code >= 500 and self.status_code != 503:
             kind = "server_error"
         else:
             kind = _TYPES.get(self.status_code, "invalid_request_error")

@@ -5,7 +5,8 @@ outputs are merged into one stream of `(prompt_index, RequestOutput)`.
 Leaving a stream early (the client went away, or the handler failed)
 cancels every request behind it, and `AsyncEngine` frees their KV blocks.
 A streamed response holds its request's admission (`AdmittedStream`) and
-gives it back when the response ends, however it ends.
+gives it back when the response ends, however it ends; likewise its rate-limit
+reservation (`Charge`), of which the tokens it did not use go back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import time
 from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 
+import anyio
 import numpy as np
 from litestar import Request
 from litestar.response import ServerSentEvent
@@ -23,7 +25,9 @@ from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.outputs import RequestOutput, RequestRejected
 from engine.sampling import SamplingParams
 from serving.errors import RequestError, rejected
+from serving.auth import principal_of
 from serving.metrics import ServingMetrics
+from serving.rate_limits import RateLimiter, Reservation
 from serving.state import Admission, ServedModel
 
 T = TypeVar("T")
@@ -34,17 +38,61 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
                "X-Accel-Buffering": "no"}
 
 
+class Charge:
+    """What one request reserved from its caller's budget (None: nothing limits it), and the tokens its
+    engine requests have used so far (prompt and generated, as its usage counts them)."""
+
+    def __init__(self, reservation: Reservation | None):
+        self.reservation = reservation
+        self._tokens: dict[int, int] = {}  # prompt index → its tokens so far
+
+    def observe(self, index: int, output: RequestOutput) -> None:
+        self._tokens[index] = len(output.prompt_ids) + sum(len(c.token_ids) for c in output.outputs)
+
+    def use(self, tokens: int) -> None:
+        """For requests that use what they reserved at once (embeddings)."""
+        self._tokens[0] = tokens
+
+    async def settle(self, *, refund_request: bool = False) -> None:
+        """Give back the tokens not used (and, with `refund_request`, the request: it was refused later,
+        so it costs nothing). Shielded: it runs even in a cancelled task (a client that left)."""
+        if self.reservation is None:
+            return
+        used = 0 if refund_request else sum(self._tokens.values())
+        with anyio.CancelScope(shield=True):
+            await self.reservation.release(used_tokens=used, refund_request=refund_request)
+
+
+async def charge(request: Request, limiter: RateLimiter, *, tokens: int) -> Charge:
+    """Reserve `tokens` from the caller's budget (a 429 when it has not got them), before any queue.
+    The response's rate-limit headers then say what is left."""
+    reservation = await limiter.reserve(principal_of(request).budget, tokens=tokens)
+    if reservation is not None:
+        request.state.rate_limit_headers = reservation.snapshot.headers()
+    return Charge(reservation)
+
+
+async def admit(model: ServedModel, num_seqs: int, charge: Charge) -> Admission:
+    """`model.admit`, giving the request back to the budget when the queue refuses it."""
+    try:
+        return model.admit(num_seqs)
+    except RequestError:
+        await charge.settle(refund_request=True)
+        raise
+
+
 class AdmittedStream(ServerSentEvent):
-    """Server-sent events that hold an admission until the response ends.
+    """Server-sent events that hold an admission (and a charge) until the response ends.
 
     Released in a `finally` around the whole ASGI response, not in the
     events' generator: a client that leaves before the first byte never
     starts the generator, so its own `finally` would never run.
     """
 
-    def __init__(self, events: AsyncIterator[str], *, admission: Admission):
+    def __init__(self, events: AsyncIterator[str], *, admission: Admission, charge: Charge):
         super().__init__(events, headers=SSE_HEADERS)
         self._admission = admission
+        self._charge = charge
 
     def to_asgi_response(self, *args, **kwargs):
         try:
@@ -52,21 +100,23 @@ class AdmittedStream(ServerSentEvent):
         except BaseException:
             self._admission.release()
             raise
-        return _Releasing(response, self._admission)
+        return _Releasing(response, self._admission, self._charge)
 
 
 class _Releasing:
-    """An ASGI response, then the admission's release."""
+    """An ASGI response, then the admission's release and the charge's settlement."""
 
-    def __init__(self, response, admission: Admission):
+    def __init__(self, response, admission: Admission, charge: Charge):
         self._response = response
         self._admission = admission
+        self._charge = charge
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await self._response(scope, receive, send)
         finally:
             self._admission.release()
+            await self._charge.settle()
 
 
 async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, model: str, request_id: str,
@@ -99,9 +149,19 @@ async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, model: str, req
 
 
 async def stream_requests(model: ServedModel, metrics: ServingMetrics, request_id: str,
-                          prompts: Sequence[list[int]], params: Sequence[SamplingParams]
+                          prompts: Sequence[list[int]], params: Sequence[SamplingParams], charge: Charge
                           ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of one engine request per prompt, as they come, tagged with the prompt's index."""
+    """Outputs of one engine request per prompt, as they come, tagged with the prompt's index; the
+    charge sees every one."""
+    async with contextlib.aclosing(_merged(model, metrics, request_id, prompts, params)) as outputs:
+        async for index, output in outputs:
+            charge.observe(index, output)
+            yield index, output
+
+
+async def _merged(model: ServedModel, metrics: ServingMetrics, request_id: str,
+                  prompts: Sequence[list[int]], params: Sequence[SamplingParams]
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
     engine = model.ready_engine()
     streams = [_tracked(engine, metrics, model.name, f"{request_id}-{i}", ids, p)
                for i, (ids, p) in enumerate(zip(prompts, params))]
@@ -142,10 +202,11 @@ async def stream_requests(model: ServedModel, metrics: ServingMetrics, request_i
 
 
 async def final_outputs(model: ServedModel, metrics: ServingMetrics, request_id: str,
-                        prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RequestOutput]:
+                        prompts: Sequence[list[int]], params: Sequence[SamplingParams], charge: Charge
+                        ) -> list[RequestOutput]:
     """Each prompt's finished output, in prompt order."""
     finals: list[RequestOutput | None] = [None] * len(prompts)
-    stream = stream_requests(model, metrics, request_id, prompts, params)
+    stream = stream_requests(model, metrics, request_id, prompts, params, charge)
     try:
         async for index, output in stream:
             finals[index] = output
@@ -155,25 +216,30 @@ async def final_outputs(model: ServedModel, metrics: ServingMetrics, request_id:
 
 
 async def embed_inputs(request: Request, metrics: ServingMetrics, model: ServedModel,
-                       token_ids: Sequence[Sequence[int]], *, normalize: bool | None = None) -> np.ndarray:
-    """Vectors of checked inputs from the model's embedder (a 429 when its queue is full), counted."""
+                       token_ids: Sequence[Sequence[int]], charge: Charge, *, normalize: bool | None = None
+                       ) -> np.ndarray:
+    """Vectors of checked inputs from the model's embedder (a 429 when its queue is full), counted;
+    the charge is settled: its tokens used when the vectors came, given back otherwise."""
     started = time.time()
     embedder = model.ready_embedder()
-    with model.admitted(1):
-        outcome = "abort"  # unless it finishes or fails
-        try:
-            vectors = await unless_disconnected(request, embedder.embed(token_ids, normalize=normalize))
-            outcome = "ok"
-            return vectors
-        except RequestRejected as e:
-            outcome = "error"
-            raise rejected(e, prompt_param="input") from None
-        except RuntimeError as e:  # the embedder stopped, or its batch failed
-            outcome = "error"
-            raise RequestError(str(e), status_code=503) from None
-        finally:
-            metrics.count_embeddings(model.name, started=started, outcome=outcome, num_inputs=len(token_ids),
-                                     num_tokens=sum(map(len, token_ids)))
+    admission = await admit(model, 1, charge)
+    outcome = "abort"  # unless it finishes or fails
+    try:
+        vectors = await unless_disconnected(request, embedder.embed(token_ids, normalize=normalize))
+        outcome = "ok"
+        charge.use(sum(map(len, token_ids)))
+        return vectors
+    except RequestRejected as e:
+        outcome = "error"
+        raise rejected(e, prompt_param="input") from None
+    except RuntimeError as e:  # the embedder stopped, or its batch failed
+        outcome = "error"
+        raise RequestError(str(e), status_code=503) from None
+    finally:
+        admission.release()
+        await charge.settle()
+        metrics.count_embeddings(model.name, started=started, outcome=outcome, num_inputs=len(token_ids),
+                                 num_tokens=sum(map(len, token_ids)))
 
 
 class ClientDisconnected(Exception):

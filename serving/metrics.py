@@ -80,8 +80,12 @@ class ServingMetrics:
             "balansis:auth_failures", "Requests refused for missing or bad credentials (401).",
             registry=self.registry)
         self.rate_limited = Counter(
-            "balansis:rate_limited", "Requests refused by a limit (429), by the limit's reason.", ("reason",),
-            registry=self.registry)
+            "balansis:rate_limited", "Requests refused by a limit (429), by the limit's reason: requests, "
+            "tokens, tokens_per_day, max_parallel (a key's or user's budget) or auth_failures (an address's).",
+            ("reason",), registry=self.registry)
+        self.rate_limits_unavailable = Counter(
+            "balansis:rate_limits_unavailable", "Requests served without rate limits because their store "
+            "(Redis) could not be reached.", registry=self.registry)
         self.registry.register(_EngineCollector(stats, memory.device_memory))
         self.registry.register(_StartupCollector(startup))
 

@@ -25,7 +25,8 @@ from litestar.response import ServerSentEvent
 
 from serving.auth import principal_of
 from serving.errors import ERROR_RESPONSES, RequestError
-from serving.generation import AdmittedStream, embed_inputs, final_outputs, stream_requests, unless_disconnected
+from serving.generation import (AdmittedStream, Charge, admit, charge, embed_inputs, final_outputs, stream_requests,
+                                unless_disconnected)
 from serving.openai_embeddings import (check_dimensions, embeddings_response, input_token_ids,
                                        parse_embeddings_request)
 from serving.openai_requests import (Endpoint, ParsedRequest, parse_chat, parse_completion, prompt_token_ids,
@@ -81,9 +82,10 @@ async def embeddings(request: Request, data: JSONBody[EmbeddingsRequest],
     check_dimensions(parsed, embedder.dimensions)
     # Tokenising many inputs takes a while: off the event loop.
     token_ids = await asyncio.to_thread(input_token_ids, parsed, embedder)
-    vectors = await embed_inputs(request, server.metrics, model, token_ids)
-    return embeddings_response(vectors, request=parsed, model=model.name,
-                               num_prompt_tokens=sum(map(len, token_ids)))
+    num_tokens = sum(map(len, token_ids))
+    charged = await charge(request, server.rate_limiter, tokens=num_tokens)
+    vectors = await embed_inputs(request, server.metrics, model, token_ids, charged)
+    return embeddings_response(vectors, request=parsed, model=model.name, num_prompt_tokens=num_tokens)
 
 
 async def _complete(http_request: Request, server: ServerState, request: ParsedRequest
@@ -107,15 +109,21 @@ async def _complete(http_request: Request, server: ServerState, request: ParsedR
     prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False)
                     for p in request.prompts] if request.echo else [""] * len(prompts)
     num_seqs = sum(p.n for p in params)
-    if request.stream:
-        admission = model.admit(num_seqs)  # a 429 now, before the 200 of the stream; released by it
-        writer = ChunkWriter(request, response_id=response_id, created=created, model=model.name,
-                             token_text=token_text, prompt_texts=prompt_texts)
-        return AdmittedStream(_events(server, model, request, writer, response_id, prompts, params),
-                              admission=admission)
-    with model.admitted(num_seqs):
+    writer = ChunkWriter(request, response_id=response_id, created=created, model=model.name,
+                         token_text=token_text, prompt_texts=prompt_texts) if request.stream else None
+    # Every token the request may use (each choice may reach max_tokens), reserved before any queue.
+    charged = await charge(http_request, server.rate_limiter,
+                           tokens=sum(len(ids) + p.n * p.max_tokens for ids, p in zip(prompts, params)))
+    admission = await admit(model, num_seqs, charged)  # a 429 now, before the 200 of a stream
+    if writer is not None:  # the stream releases the admission and settles the charge when it ends
+        return AdmittedStream(_events(server, model, request, writer, response_id, prompts, params, charged),
+                              admission=admission, charge=charged)
+    try:
         finals = await unless_disconnected(
-            http_request, final_outputs(model, server.metrics, response_id, prompts, params))
+            http_request, final_outputs(model, server.metrics, response_id, prompts, params, charged))
+    finally:
+        admission.release()
+        await charged.settle()
     if request.endpoint is Endpoint.CHAT:
         return chat_completion(finals[0], request=request, response_id=response_id, created=created,
                                model=model.name, token_text=token_text)
@@ -124,7 +132,7 @@ async def _complete(http_request: Request, server: ServerState, request: ParsedR
 
 
 async def _events(server: ServerState, model: ServedModel, request: ParsedRequest, writer: ChunkWriter,
-                  response_id: str, prompts, params) -> AsyncIterator[str]:
+                  response_id: str, prompts, params, charged: Charge) -> AsyncIterator[str]:
     """The SSE data lines of a streamed request, ending in [DONE].
 
     An error after the stream started cannot change the status code any
@@ -133,7 +141,7 @@ async def _events(server: ServerState, model: ServedModel, request: ParsedReques
     finals = [None] * len(prompts)
     encode = msgspec.json.encode
     try:
-        stream = stream_requests(model, server.metrics, response_id, prompts, params)
+        stream = stream_requests(model, server.metrics, response_id, prompts, params, charged)
         try:
             async for index, output in stream:
                 finals[index] = output

@@ -36,7 +36,8 @@ from engine.outputs import CompletionOutput, RequestOutput, RequestRejected
 from engine.sampling import SamplingParams
 from serving.auth import principal_of
 from serving.errors import ERROR_RESPONSES, RequestError, rejected
-from serving.generation import AdmittedStream, embed_inputs, final_outputs, stream_requests, unless_disconnected
+from serving.generation import (AdmittedStream, Charge, admit, charge, embed_inputs, final_outputs, stream_requests,
+                                unless_disconnected)
 from serving.openai_embeddings import input_token_ids, parse_embeddings_request
 from serving.openai_requests import parse_chat, prompt_token_ids
 from serving.schemas import (AssistantMessage, ChatCompletionRequest, EmbeddingsRequest, SeedChatDelta,
@@ -85,8 +86,10 @@ async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
         max_length = max(1, min(_DEFAULT_CHAT_MAX_LENGTH, info.max_model_len - len(prompt_ids)))
     params = _params(server, model, data, prompt_ids, max_length, prompt_param="messages")
     if data.stream:
-        admission = model.admit(1)  # now, not when the body starts: see ServedModel.admit
-        return AdmittedStream(_chat_events(server, model, prompt_ids, params), admission=admission)
+        charged = await charge(request, server.rate_limiter, tokens=len(prompt_ids) + params.max_tokens)
+        admission = await admit(model, 1, charged)  # now, not when the body starts: see ServedModel.admit
+        return AdmittedStream(_chat_events(server, model, prompt_ids, params, charged), admission=admission,
+                              charge=charged)
     return _chat_response(model, await _generate(request, server, model, prompt_ids, params))
 
 
@@ -103,7 +106,9 @@ async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest
     model = server.model(parsed.model, embed=True, principal=principal_of(request))
     embedder = model.ready_embedder().embedder
     token_ids = await asyncio.to_thread(input_token_ids, parsed, embedder)
-    vectors = await embed_inputs(request, server.metrics, model, token_ids, normalize=data.act_normalization)
+    charged = await charge(request, server.rate_limiter, tokens=sum(map(len, token_ids)))
+    vectors = await embed_inputs(request, server.metrics, model, token_ids, charged,
+                                 normalize=data.act_normalization)
     return SeedEmbeddingsResponse(model=model.name, embeddings=vectors.tolist(), dimensions=embedder.dimensions,
                                   tokens=sum(map(len, token_ids)),
                                   inference_time=round(time.time() - started, 6))
@@ -130,9 +135,14 @@ def _params(server: ServerState, model: ServedModel, data: SeedGenerateRequest |
 
 async def _generate(request: Request, server: ServerState, model: ServedModel, prompt_ids: list[int],
                     params: SamplingParams) -> RequestOutput:
-    with model.admitted(1):
+    charged = await charge(request, server.rate_limiter, tokens=len(prompt_ids) + params.max_tokens)
+    admission = await admit(model, 1, charged)
+    try:
         finals = await unless_disconnected(request, final_outputs(
-            model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params]))
+            model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params], charged))
+    finally:
+        admission.release()
+        await charged.settle()
     return finals[0]
 
 
@@ -151,10 +161,11 @@ def _score(choice: CompletionOutput) -> float | None:
 
 
 async def _chat_events(server: ServerState, model: ServedModel, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[str]:
+                       params: SamplingParams, charged: Charge) -> AsyncIterator[str]:
     sent = 0
     try:
-        stream = stream_requests(model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params])
+        stream = stream_requests(model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params],
+                                 charged)
         try:
             async for _, output in stream:
                 text = output.outputs[0].text

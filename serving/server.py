@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", default=None,
                         help="the database of stored keys: sqlite:///PATH or postgresql://… (default: "
                              "$BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
+    parser.add_argument("--redis-url", default=None,
+                        help="keep the rate limits' budgets in Redis (redis://HOST:6379/0), shared by every "
+                             "replica that names it (default: $BALANSIS_REDIS_URL, else this process's memory)")
     limits = parser.add_argument_group("what one request may ask for")
     limits.add_argument("--max-body-size", type=_size, default=_DEFAULTS.max_body_bytes,
                         help="largest request body, e.g. 16MiB (default: 16MiB); more is a 413")
@@ -127,6 +130,7 @@ def serve_command(args: argparse.Namespace) -> int:
                       public_key_file=args.jwt_public_key, jwks_url=args.jwt_jwks_url, issuer=args.jwt_issuer,
                       audience=args.jwt_audience)
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
+                         redis_url=args.redis_url or os.environ.get("BALANSIS_REDIS_URL") or None,
                          jwt=jwt, allowed_origins=tuple(args.allowed_origins), log_requests=not args.no_access_log,
                          max_auth_failures_per_minute=args.max_auth_failures_per_minute or None,
                          max_queue=args.max_queue, drain_timeout=args.drain_timeout,

@@ -15,12 +15,11 @@ first encoder for embeddings.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import jax
 
@@ -37,6 +36,7 @@ from serving.api_keys import KeyStore
 from serving.auth import ANONYMOUS, Authenticator, FailureLimit, Principal
 from serving.errors import RequestError
 from serving.jwt_auth import JwtSettings, JwtVerifier
+from serving.rate_limits import RateLimiter, ledger_for
 from serving.request_limits import RequestLimits
 from serving.metrics import ServingMetrics
 
@@ -52,6 +52,7 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()  # static admin keys; empty (and not require_auth): no authentication
     require_auth: bool = False  # authenticate with the stored keys (serving.api_keys) too
     database_url: str | None = None  # the key store's (serving.database); None: the default SQLite file
+    redis_url: str | None = None  # rate-limit budgets shared by replicas (serving.rate_limits); None: in memory
     jwt: JwtSettings = JwtSettings()  # bearer JWTs (serving.jwt_auth); off unless a key source is given
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any)
     log_requests: bool = True  # an access-log line per request (serving.http_observer)
@@ -202,15 +203,6 @@ class ServedModel:
         self._server.num_admitted_requests += 1
         return Admission(self, num_seqs)
 
-    @contextlib.contextmanager
-    def admitted(self, num_seqs: int) -> Iterator[None]:
-        """Hold `num_seqs` sequences of admission for the `with` body, or raise a 429."""
-        admission = self.admit(num_seqs)
-        try:
-            yield
-        finally:
-            admission.release()
-
     def _release(self, num_seqs: int) -> None:
         self.num_in_flight_seqs -= num_seqs
         self._server.num_admitted_requests -= 1
@@ -234,6 +226,9 @@ class ServerState:
         self.key_store = _key_store(config)
         self.auth_failure_limit = (None if config.max_auth_failures_per_minute is None
                                    else FailureLimit(config.max_auth_failures_per_minute))
+        self.rate_limiter = RateLimiter(
+            ledger_for(config.redis_url), on_refusal=lambda limit: self.metrics.rate_limited.labels(limit).inc(),
+            on_unavailable=self.metrics.rate_limits_unavailable.inc)
         self.authenticator = Authenticator(static_keys=config.api_keys, store=self.key_store,
                                            required=config.require_auth,
                                            jwt=JwtVerifier(config.jwt) if config.jwt.is_on else None)
@@ -257,6 +252,9 @@ class ServerState:
     def shutdown(self) -> None:
         for model in self.models.values():
             model.shutdown()
+
+    async def close_connections(self) -> None:
+        await self.rate_limiter.close()
 
     # -- what handlers ask -------------------------------------------------------
     @property

@@ -107,3 +107,18 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+REDIS_URL = os.environ.get("BALANSIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_url():
+    """The real Redis at REDIS_URL (tests keep their keys under a namespace of their own)."""
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()
+    except Exception as e:
+        require_service("Redis", f"{REDIS_URL}: {e}")
+    return REDIS_URL
