@@ -88,7 +88,9 @@ def create_app(server: ServerState) -> Litestar:
         signature_namespace={"ServerState": ServerState},
     )
     # Around Litestar's own handler (its routing, exception handling and CORS), so 404s are seen too.
-    app.asgi_handler = HttpObserver(app.asgi_handler, server.metrics, log_requests=server.config.log_requests)
+    app.asgi_handler = HttpObserver(app.asgi_handler, server.metrics, log_requests=server.config.log_requests,
+                                    record_usage=server.record_usage, log_prompts=server.config.log_prompts,
+                                    is_auth_on=authenticator.is_on)
     return app
 
 

@@ -1,4 +1,4 @@
-"""The server's database: API keys and their audit trail (usage records come next).
+"""The server's database: API keys, their audit trail, and usage records (one row per request).
 
 SQLite (WAL) is the embedded default, a file under the user's data folder;
 `--database-url postgresql://…` uses PostgreSQL, so replicas share one store.
@@ -46,6 +46,27 @@ AUDIT_LOG = sa.Table(
     sa.Column("before", sa.JSON), sa.Column("after", sa.JSON),
 )
 
+USAGE = sa.Table(
+    "usage_records", METADATA,
+    sa.Column("request_id", sa.String(128), primary_key=True),  # X-Request-ID: a retried write is stored once
+    sa.Column("created_at", sa.Float, nullable=False, index=True),  # the request's arrival
+    sa.Column("key_prefix", sa.String(32), index=True),  # a stored key's display prefix
+    sa.Column("user_id", sa.String(200), index=True),
+    sa.Column("model", sa.String(200), index=True),  # None: refused before a model was chosen
+    sa.Column("endpoint", sa.String(64), nullable=False),  # the route, e.g. /v1/chat/completions
+    sa.Column("stream", sa.Boolean, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # ok, error, aborted, rejected
+    sa.Column("http_status", sa.Integer, nullable=False),
+    sa.Column("finish_reason", sa.String(32)),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("queue_ms", sa.Float), sa.Column("ttft_ms", sa.Float),
+    sa.Column("total_ms", sa.Float, nullable=False),
+    sa.Column("temperature", sa.Float), sa.Column("top_p", sa.Float), sa.Column("precision", sa.String(16)),
+    sa.Column("act_stability_score", sa.Float),
+    sa.Column("prompt", sa.Text), sa.Column("output", sa.Text),  # only with --log-prompts
+)
+
 _VERSIONS = sa.Table("schema_version", METADATA, sa.Column("version", sa.Integer, nullable=False))
 
 
@@ -54,8 +75,12 @@ def _v1(connection: Connection) -> None:
         table.create(connection, checkfirst=True)
 
 
+def _v2(connection: Connection) -> None:
+    USAGE.create(connection, checkfirst=True)
+
+
 # Step i brings a database from version i to i + 1. Append; never edit a step that has shipped.
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_v1,)
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

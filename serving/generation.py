@@ -29,6 +29,7 @@ from serving.auth import principal_of
 from serving.metrics import ServingMetrics
 from serving.rate_limits import RateLimiter, Reservation
 from serving.state import Admission, ServedModel
+from serving.usage import UsageMeter
 
 T = TypeVar("T")
 
@@ -39,37 +40,32 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 
 
 class Charge:
-    """What one request reserved from its caller's budget (None: nothing limits it), and the tokens its
-    engine requests have used so far (prompt and generated, as its usage counts them)."""
+    """One request's reservation from its caller's budget (None: nothing limits it) and its usage meter,
+    whose tokens (prompt and generated, as the response's usage counts them) decide what goes back."""
 
-    def __init__(self, reservation: Reservation | None):
+    def __init__(self, reservation: Reservation | None, meter: UsageMeter):
         self.reservation = reservation
-        self._tokens: dict[int, int] = {}  # prompt index → its tokens so far
-
-    def observe(self, index: int, output: RequestOutput) -> None:
-        self._tokens[index] = len(output.prompt_ids) + sum(len(c.token_ids) for c in output.outputs)
-
-    def use(self, tokens: int) -> None:
-        """For requests that use what they reserved at once (embeddings)."""
-        self._tokens[0] = tokens
+        self.meter = meter
 
     async def settle(self, *, refund_request: bool = False) -> None:
         """Give back the tokens not used (and, with `refund_request`, the request: it was refused later,
         so it costs nothing). Shielded: it runs even in a cancelled task (a client that left)."""
         if self.reservation is None:
             return
-        used = 0 if refund_request else sum(self._tokens.values())
+        used = 0 if refund_request else self.meter.total_tokens
         with anyio.CancelScope(shield=True):
             await self.reservation.release(used_tokens=used, refund_request=refund_request)
 
 
-async def charge(request: Request, limiter: RateLimiter, *, tokens: int) -> Charge:
-    """Reserve `tokens` from the caller's budget (a 429 when it has not got them), before any queue.
-    The response's rate-limit headers then say what is left."""
+async def charge(request: Request, limiter: RateLimiter, *, tokens: int, meter: UsageMeter) -> Charge:
+    """Start metering the request (its usage record reads the meter) and reserve `tokens` from the
+    caller's budget (a 429 when it has not got them), before any queue. The response's rate-limit
+    headers then say what is left."""
+    request.state.usage = meter
     reservation = await limiter.reserve(principal_of(request).budget, tokens=tokens)
     if reservation is not None:
         request.state.rate_limit_headers = reservation.snapshot.headers()
-    return Charge(reservation)
+    return Charge(reservation, meter)
 
 
 async def admit(model: ServedModel, num_seqs: int, charge: Charge) -> Admission:
@@ -155,7 +151,7 @@ async def stream_requests(model: ServedModel, metrics: ServingMetrics, request_i
     charge sees every one."""
     async with contextlib.aclosing(_merged(model, metrics, request_id, prompts, params)) as outputs:
         async for index, output in outputs:
-            charge.observe(index, output)
+            charge.meter.observe(index, output)
             yield index, output
 
 
@@ -227,7 +223,7 @@ async def embed_inputs(request: Request, metrics: ServingMetrics, model: ServedM
     try:
         vectors = await unless_disconnected(request, embedder.embed(token_ids, normalize=normalize))
         outcome = "ok"
-        charge.use(sum(map(len, token_ids)))
+        charge.meter.embedded(sum(map(len, token_ids)))
         return vectors
     except RequestRejected as e:
         outcome = "error"

@@ -8,6 +8,9 @@ access-log line.
   is handled carries it (serving.logs.REQUEST_ID).
 - Metrics: `balansis:http_requests_total{method, route, status}` and the duration histogram,
   labelled by route template and by HTTP's own methods, so clients cannot grow the label set.
+- Usage records: a request to a route that runs a model (serving.usage.METERED_ROUTES) gives one
+  row when its response has ended, from the meter its handler left in `state["usage"]`; with
+  authentication on, only once the caller is known (refused credentials are counted, not stored).
 - The access log: one line per request (method, raw path, route, status, duration, request id,
   and the caller's user and key prefix once authenticated — never the key, never the body).
 """
@@ -21,6 +24,7 @@ import uuid
 
 from serving.logs import REQUEST_ID
 from serving.metrics import ServingMetrics
+from serving.usage import METERED_ROUTES, usage_row
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -40,16 +44,22 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class HttpObserver:
-    def __init__(self, app, metrics: ServingMetrics, *, log_requests: bool = True):
+    def __init__(self, app, metrics: ServingMetrics, *, log_requests: bool = True, record_usage=None,
+                 log_prompts: bool = False, is_auth_on: bool = False):
+        """`record_usage(row)` takes each usage record (None: none are made)."""
         self._app = app
         self._metrics = metrics
         self._log_requests = log_requests
+        self._record_usage = record_usage
+        self._log_prompts = log_prompts
+        self._is_auth_on = is_auth_on
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
         started = time.perf_counter()
+        arrived = time.time()
         request_id = request_id_from(scope.get("headers", []))
         scope.setdefault("state", {})["request_id"] = request_id
         token = REQUEST_ID.set(request_id)
@@ -77,8 +87,15 @@ class HttpObserver:
             route = scope.get("path_template") or "unmatched"  # Litestar sets it once a route matched
             self._metrics.http_requests.labels(method, route, str(status)).inc()
             self._metrics.http_duration.labels(method, route).observe(seconds)
+            principal = scope["state"].get("principal")
+            if self._record_usage is not None and route in METERED_ROUTES and (principal is not None or not self._is_auth_on):
+                self._record_usage(usage_row(
+                    request_id=request_id, endpoint=route, http_status=status, created_at=arrived, seconds=seconds,
+                    user_id=None if principal is None else principal.user_id,
+                    key_prefix=None if principal is None else principal.key_prefix,
+                    model=scope["state"].get("model_name"), meter=scope["state"].get("usage"),
+                    log_prompts=self._log_prompts))
             if self._log_requests:
-                principal = scope["state"].get("principal")
                 access_log.info("request", extra={
                     "method": method, "path": scope.get("path"), "route": route, "status": status,
                     "duration_ms": round(seconds * 1000, 3),

@@ -83,6 +83,9 @@ class ServingMetrics:
             "balansis:rate_limited", "Requests refused by a limit (429), by the limit's reason: requests, "
             "tokens, tokens_per_day, max_parallel (a key's or user's budget) or auth_failures (an address's).",
             ("reason",), registry=self.registry)
+        self.usage_records_dropped = Counter(
+            "balansis:usage_records_dropped", "Usage records lost: the database could not take them (or "
+            "their queue was full).", registry=self.registry)
         self.rate_limits_unavailable = Counter(
             "balansis:rate_limits_unavailable", "Requests served without rate limits because their store "
             "(Redis) could not be reached.", registry=self.registry)

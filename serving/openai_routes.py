@@ -77,20 +77,21 @@ async def completions(request: Request, data: JSONBody[CompletionRequest],
 async def embeddings(request: Request, data: JSONBody[EmbeddingsRequest],
                      server: NamedDependency[ServerState]) -> EmbeddingList:
     parsed = parse_embeddings_request(data)
-    model = server.model(parsed.model, embed=True, principal=principal_of(request))
+    model = server.model_for(request, parsed.model, embed=True)
     embedder = model.ready_embedder().embedder
     check_dimensions(parsed, embedder.dimensions)
     # Tokenising many inputs takes a while: off the event loop.
     token_ids = await asyncio.to_thread(input_token_ids, parsed, embedder)
     num_tokens = sum(map(len, token_ids))
-    charged = await charge(request, server.rate_limiter, tokens=num_tokens)
+    charged = await charge(request, server.rate_limiter, tokens=num_tokens,
+                           meter=server.meter(model, prompt=lambda: data.input))
     vectors = await embed_inputs(request, server.metrics, model, token_ids, charged)
     return embeddings_response(vectors, request=parsed, model=model.name, num_prompt_tokens=num_tokens)
 
 
 async def _complete(http_request: Request, server: ServerState, request: ParsedRequest
                     ) -> ChatCompletion | Completion | ServerSentEvent:
-    model = server.model(request.model, generate=True, principal=principal_of(http_request))
+    model = server.model_for(http_request, request.model, generate=True)
     engine = model.engine_core
     tokenizer = engine.info.tokenizer
     # Tokenising a long prompt (or rendering a chat template) takes a while:
@@ -112,7 +113,10 @@ async def _complete(http_request: Request, server: ServerState, request: ParsedR
     writer = ChunkWriter(request, response_id=response_id, created=created, model=model.name,
                          token_text=token_text, prompt_texts=prompt_texts) if request.stream else None
     # Every token the request may use (each choice may reach max_tokens), reserved before any queue.
-    charged = await charge(http_request, server.rate_limiter,
+    meter = server.meter(model, params=params[0], is_stream=request.stream, num_prompts=len(prompts),
+                         is_prompt_only=request.is_prompt_only,
+                         prompt=lambda: request.messages if request.endpoint is Endpoint.CHAT else request.prompts)
+    charged = await charge(http_request, server.rate_limiter, meter=meter,
                            tokens=sum(len(ids) + p.n * p.max_tokens for ids, p in zip(prompts, params)))
     admission = await admit(model, num_seqs, charged)  # a 429 now, before the 200 of a stream
     if writer is not None:  # the stream releases the admission and settles the charge when it ends
@@ -152,5 +156,6 @@ async def _events(server: ServerState, model: ServedModel, request: ParsedReques
         if request.include_usage:
             yield encode(writer.usage_chunk(finals)).decode()
     except RequestError as e:
+        charged.meter.has_failed = True
         yield encode(e.body()).decode()
     yield "[DONE]"

@@ -427,3 +427,58 @@ class CreatedKey(msgspec.Struct):
 class KeyList(msgspec.Struct):
     object: Literal["list"]
     data: list[KeyRecord]
+
+
+class UsageTotals(msgspec.Struct):
+    """Requests by status, and tokens, of the usage records a query matched."""
+
+    requests: int
+    ok: int
+    error: int
+    aborted: int
+    rejected: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageDay(UsageTotals):
+    date: str  # a UTC day, 2026-12-05
+
+
+class UsageReport(msgspec.Struct):
+    object: Literal["usage"]
+    since: float | None  # the query's bounds, seconds since the epoch (None: unbounded)
+    until: float | None
+    totals: UsageTotals
+    days: list[UsageDay]  # oldest first; days without requests are left out
+
+
+class Quantiles(msgspec.Struct):
+    """Milliseconds; None without a sample."""
+
+    p50: float | None
+    p90: float | None
+    p99: float | None
+
+
+class ModelStats(msgspec.Struct):
+    model: str
+    state: Literal["loading", "loaded", "failed"]
+    requests: int  # since the report's `since`, from the usage records
+    ok: int
+    error: int
+    aborted: int
+    rejected: int
+    tokens: int  # prompt and completion
+    e2e_ms: Quantiles  # request to response end, of the requests that finished ok
+    ttft_ms: Quantiles
+    num_running: int | None  # now, from the engine (None: an embedding model, or still loading)
+    num_waiting: int | None
+    kv_cache_usage: float | None  # 0 to 1
+
+
+class StatsReport(msgspec.Struct):
+    object: Literal["stats"]
+    since: float
+    models: list[ModelStats]

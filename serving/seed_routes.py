@@ -61,10 +61,10 @@ async def seed_models(request: Request, server: NamedDependency[ServerState]) ->
       status_code=200, responses=ERROR_RESPONSES)
 async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
                         server: NamedDependency[ServerState]) -> SeedGenerateResponse:
-    model = server.model(None, generate=True, principal=principal_of(request))
+    model = server.model_for(request, None, generate=True)
     prompt_ids = await asyncio.to_thread(model.info.tokenizer.encode, data.prompt)  # off the event loop
     params = _params(server, model, data, prompt_ids, data.max_length, prompt_param="prompt")
-    output = await _generate(request, server, model, prompt_ids, params)
+    output = await _generate(request, server, model, prompt_ids, params, prompt=lambda: data.prompt)
     choice = output.outputs[0]
     return SeedGenerateResponse(generated_text=choice.text, tokens_generated=len(choice.token_ids),
                                 inference_time=round(time.time() - output.arrival_time, 6),
@@ -75,7 +75,7 @@ async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
       status_code=200, responses=ERROR_RESPONSES)
 async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
                     server: NamedDependency[ServerState]) -> SeedChatResponse | ServerSentEvent:
-    model = server.model(data.model, generate=True, principal=principal_of(request))
+    model = server.model_for(request, data.model, generate=True)
     info = model.info
     parsed = parse_chat(ChatCompletionRequest(messages=data.messages))
     prompt_ids = (await asyncio.to_thread(prompt_token_ids, parsed, info.tokenizer))[0]
@@ -86,11 +86,14 @@ async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
         max_length = max(1, min(_DEFAULT_CHAT_MAX_LENGTH, info.max_model_len - len(prompt_ids)))
     params = _params(server, model, data, prompt_ids, max_length, prompt_param="messages")
     if data.stream:
-        charged = await charge(request, server.rate_limiter, tokens=len(prompt_ids) + params.max_tokens)
+        meter = server.meter(model, params=params, is_stream=True, prompt=lambda: data.messages)
+        charged = await charge(request, server.rate_limiter, tokens=len(prompt_ids) + params.max_tokens,
+                               meter=meter)
         admission = await admit(model, 1, charged)  # now, not when the body starts: see ServedModel.admit
         return AdmittedStream(_chat_events(server, model, prompt_ids, params, charged), admission=admission,
                               charge=charged)
-    return _chat_response(model, await _generate(request, server, model, prompt_ids, params))
+    output = await _generate(request, server, model, prompt_ids, params, prompt=lambda: data.messages)
+    return _chat_response(model, output)
 
 
 @post("/api/v1/embeddings", summary="Seed API: embeddings, unit-length unless act_normalization is false",
@@ -103,10 +106,11 @@ async def seed_embeddings(request: Request, data: JSONBody[SeedEmbeddingsRequest
                            param="act_precision", code="unsupported_parameter")
     parsed = parse_embeddings_request(EmbeddingsRequest(
         input=data.input, model=data.model, truncate_prompt_tokens=-1 if data.truncate else None))
-    model = server.model(parsed.model, embed=True, principal=principal_of(request))
+    model = server.model_for(request, parsed.model, embed=True)
     embedder = model.ready_embedder().embedder
     token_ids = await asyncio.to_thread(input_token_ids, parsed, embedder)
-    charged = await charge(request, server.rate_limiter, tokens=sum(map(len, token_ids)))
+    charged = await charge(request, server.rate_limiter, tokens=sum(map(len, token_ids)),
+                           meter=server.meter(model, prompt=lambda: data.input))
     vectors = await embed_inputs(request, server.metrics, model, token_ids, charged,
                                  normalize=data.act_normalization)
     return SeedEmbeddingsResponse(model=model.name, embeddings=vectors.tolist(), dimensions=embedder.dimensions,
@@ -134,8 +138,9 @@ def _params(server: ServerState, model: ServedModel, data: SeedGenerateRequest |
 
 
 async def _generate(request: Request, server: ServerState, model: ServedModel, prompt_ids: list[int],
-                    params: SamplingParams) -> RequestOutput:
-    charged = await charge(request, server.rate_limiter, tokens=len(prompt_ids) + params.max_tokens)
+                    params: SamplingParams, *, prompt) -> RequestOutput:
+    charged = await charge(request, server.rate_limiter, tokens=len(prompt_ids) + params.max_tokens,
+                           meter=server.meter(model, params=params, prompt=prompt))
     admission = await admit(model, 1, charged)
     try:
         finals = await unless_disconnected(request, final_outputs(
@@ -177,5 +182,6 @@ async def _chat_events(server: ServerState, model: ServedModel, prompt_ids: list
         finally:
             await stream.aclose()
     except RequestError as e:
+        charged.meter.has_failed = True
         yield msgspec.json.encode(e.body()).decode()
     yield "[DONE]"

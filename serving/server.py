@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CORS: browser origins that may call the API, e.g. https://app.example.com "
                              "('*': any; default: none)")
     parser.add_argument("--database-url", default=None,
-                        help="the database of stored keys: sqlite:///PATH or postgresql://… (default: "
+                        help="the database of stored keys and usage records: sqlite:///PATH or postgresql://… (default: "
                              "$BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
     parser.add_argument("--redis-url", default=None,
                         help="keep the rate limits' budgets in Redis (redis://HOST:6379/0), shared by every "
@@ -99,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("json", "text"), default=None,
                         help="one JSON object per line, or text (default: json when stdout is not a terminal)")
     parser.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request")
+    parser.add_argument("--log-prompts", action="store_true",
+                        help="keep each request's prompt and output in its usage record (default: tokens and "
+                             "timings only; prompts and outputs are never in the logs)")
     add_engine_arguments(parser)
     # A server warms up before it says it is ready: no compile while serving.
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -132,6 +135,7 @@ def serve_command(args: argparse.Namespace) -> int:
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
                          redis_url=args.redis_url or os.environ.get("BALANSIS_REDIS_URL") or None,
                          jwt=jwt, allowed_origins=tuple(args.allowed_origins), log_requests=not args.no_access_log,
+                         log_prompts=args.log_prompts,
                          max_auth_failures_per_minute=args.max_auth_failures_per_minute or None,
                          max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                          max_body_bytes=args.max_body_size,

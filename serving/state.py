@@ -21,22 +21,27 @@ import threading
 import time
 from typing import Callable, Sequence
 
+import anyio.to_thread
 import jax
+import msgspec
 
 from engine.async_embedder import AsyncEmbedder
 from engine.async_engine import AsyncEngine
 from engine.embedder import Embedder
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, ModelInfo
+from engine.sampling import SamplingParams
 from engine.startup import StartupPhases
 from model.numerics import Precision
 from model.pooling import PoolingMode
 from serving import database
 from serving.api_keys import KeyStore
-from serving.auth import ANONYMOUS, Authenticator, FailureLimit, Principal
+from serving.auth import ANONYMOUS, Authenticator, FailureLimit, Principal, principal_of
 from serving.errors import RequestError
 from serving.jwt_auth import JwtSettings, JwtVerifier
 from serving.rate_limits import RateLimiter, ledger_for
+from serving.usage import UsageMeter
+from serving.usage_store import UsageStore
 from serving.request_limits import RequestLimits
 from serving.metrics import ServingMetrics
 
@@ -56,6 +61,7 @@ class ServeConfig:
     jwt: JwtSettings = JwtSettings()  # bearer JWTs (serving.jwt_auth); off unless a key source is given
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any)
     log_requests: bool = True  # an access-log line per request (serving.http_observer)
+    log_prompts: bool = False  # keep prompts and outputs in the usage records (serving.usage)
     # Refused credentials per client address and minute before its requests get 429s; None: no limit.
     max_auth_failures_per_minute: int | None = 10
     # Per model: sequences (embedding requests for an encoder) admitted beyond
@@ -223,7 +229,10 @@ class ServerState:
         self.num_admitted_requests = 0  # requests admitted and not yet done (what a drain waits for)
         self.metrics = ServingMetrics(stats=self.stats, startup=self.startup_seconds)
         self._loader: threading.Thread | None = None
-        self.key_store = _key_store(config)
+        database_engine = _database(config)
+        self.key_store = KeyStore(database_engine) if database_engine is not None else None
+        self.usage_store = (UsageStore(database_engine, on_dropped=self.metrics.usage_records_dropped.inc)
+                            if database_engine is not None else None)
         self.auth_failure_limit = (None if config.max_auth_failures_per_minute is None
                                    else FailureLimit(config.max_auth_failures_per_minute))
         self.rate_limiter = RateLimiter(
@@ -255,6 +264,31 @@ class ServerState:
 
     async def close_connections(self) -> None:
         await self.rate_limiter.close()
+        if self.usage_store is not None:  # what is queued is written first
+            await anyio.to_thread.run_sync(self.usage_store.close)
+
+    def record_usage(self, row: dict) -> None:
+        """Queue a request's usage record (serving.usage_store); counted as dropped without a database."""
+        if self.usage_store is None:
+            self.metrics.usage_records_dropped.inc()
+        else:
+            self.usage_store.submit(row)
+
+    def meter(self, model: "ServedModel", *, params: SamplingParams | None = None, is_stream: bool = False,
+              num_prompts: int = 1, is_prompt_only: bool = False,
+              prompt: Callable[[], object] | None = None) -> UsageMeter:
+        """A usage meter for a request to `model` (serving.usage); `prompt()` gives what the request asked
+        (a string or JSON-able value), called only with --log-prompts."""
+        precision = None
+        if params is not None:
+            precision = (Precision(params.precision).value if params.precision is not None
+                         else model.engine_core.config.precision)
+        text = None
+        if self.config.log_prompts and prompt is not None:
+            value = prompt()
+            text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+        return UsageMeter(model=model.name, is_stream=is_stream, num_prompts=num_prompts, params=params,
+                          precision=precision, is_prompt_only=is_prompt_only, prompt=text)
 
     # -- what handlers ask -------------------------------------------------------
     @property
@@ -271,6 +305,13 @@ class ServerState:
 
     def stats(self) -> list[tuple[str, EngineStats]]:
         return [(m.name, s) for m in self.models.values() if (s := m.stats()) is not None]
+
+    def model_for(self, request, name: str | None, *, generate: bool = False, embed: bool = False) -> ServedModel:
+        """`model` for a request that runs a model: as its caller may use it, and named in its usage
+        record even when it is refused before it runs."""
+        model = self.model(name, generate=generate, embed=embed, principal=principal_of(request))
+        request.state.model_name = model.name
+        return model
 
     def model(self, name: str | None, *, generate: bool = False, embed: bool = False,
               principal: Principal = ANONYMOUS) -> ServedModel:
@@ -309,15 +350,15 @@ class ServerState:
         return model
 
 
-def _key_store(config: ServeConfig) -> KeyStore | None:
-    """The stored keys' database; without it (unreachable, unwritable) the server still serves
-    when it needs no stored keys, and refuses to start when it does."""
+def _database(config: ServeConfig):
+    """The server's database (stored keys, usage records); without it (unreachable, unwritable) the
+    server still serves when it needs no stored keys, and refuses to start when it does."""
     try:
-        return KeyStore(database.connect(config.database_url))
+        return database.connect(config.database_url)
     except Exception as e:
         if config.require_auth:
             raise
-        log.warning("no key store (%s): stored API keys and /admin/keys are unavailable", e)
+        log.warning("no database (%s): stored API keys, /admin/keys and usage records are unavailable", e)
         return None
 
 

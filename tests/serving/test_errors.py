@@ -411,6 +411,7 @@ def test_stream_whose_client_left_before_its_first_byte_gives_its_seats_back(sin
     from litestar.testing import RequestFactory
 
     from serving.generation import AdmittedStream, Charge
+    from serving.usage import UsageMeter
 
     state = single_server.state
     admission = state.models[MODEL].admit(1)  # what a stream's handler holds
@@ -428,7 +429,7 @@ def test_stream_whose_client_left_before_its_first_byte_gives_its_seats_back(sin
 
     with sdk(single_server) as client, pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
-    response = AdmittedStream(events(), admission=admission, charge=Charge(None)).to_asgi_response(None, RequestFactory().get("/"))
+    response = AdmittedStream(events(), admission=admission, charge=Charge(None, UsageMeter(model=MODEL))).to_asgi_response(None, RequestFactory().get("/"))
     with pytest.raises(OSError):
         asyncio.run(response({"type": "http"}, receive, gone))
     assert not started

@@ -107,7 +107,7 @@ def test_metrics_expose_every_family(live_server):
     assert 0 <= value(families, "kv_cache_usage_perc") <= 1
     assert value(families, "request_success", "_total", finished_reason="length") >= 1
     server_wide = {PREFIX + n for n in ("http_requests", "http_request_duration_seconds", "auth_failures",
-                                     "rate_limits_unavailable")}
+                                     "rate_limits_unavailable", "usage_records_dropped")}
     for family in families.values():  # everything is ours and labelled with the model (or the device)
         assert family.name.startswith(PREFIX), family.name
         if family.name.removesuffix("_created") in server_wide:  # the HTTP layer's: by route, not by model
