@@ -37,6 +37,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import time
 from typing import Callable, Sequence as Seq
 
 import jax
@@ -106,6 +107,7 @@ class BatchRunner:
         self._sliced = None
         self._sliced_step = None
         self._compiled: dict = {}  # (layout, with prompt logprobs, precision) → what `warmup` compiled ahead
+        self.last_step_seconds: dict[Precision, float] = {}  # the latest step's wall time per level
         self._channel = distributed.CallChannel() if distributed.is_multi_process() else None
         if self._channel is not None and self._channel.is_leader:
             atexit.register(self.close)  # however process 0 ends, the others' `follow` returns
@@ -154,17 +156,23 @@ class BatchRunner:
     def execute(self, scheduled: SchedulerOutput, block_tables: dict[int, list[int]]) -> dict[int, StepOutput]:
         """Run the step; keys are seq_ids of the chunks that sampled or asked for prompt logprobs."""
         results: dict[int, StepOutput] = {}
+        # Each call ends with its results on the host, so its wall time is its own: the engine shares
+        # time between precision levels by it (engine.precision_share).
+        self.last_step_seconds = {}
         # One call per precision level (a static argument of the programs).
         decodes: dict[Precision, list[ScheduledChunk]] = {}
         for chunk in scheduled.decodes:
             decodes.setdefault(_precision(chunk), []).append(chunk)
-        for precision, chunks in decodes.items():
-            results.update(self._run(chunks, block_tables, is_decode=True, precision=precision))
+        calls = [(chunks, True, precision) for precision, chunks in decodes.items()]
         groups: dict[tuple[Precision, int], list[ScheduledChunk]] = {}
         for chunk in scheduled.prefills:
             groups.setdefault((_precision(chunk), self._length_bucket(chunk.num_tokens)), []).append(chunk)
-        for (precision, _), chunks in groups.items():
-            results.update(self._run(chunks, block_tables, is_decode=False, precision=precision))
+        calls += [(chunks, False, precision) for (precision, _), chunks in groups.items()]
+        for chunks, is_decode, precision in calls:
+            started = time.perf_counter()
+            results.update(self._run(chunks, block_tables, is_decode=is_decode, precision=precision))
+            self.last_step_seconds[precision] = (self.last_step_seconds.get(precision, 0.0)
+                                                 + time.perf_counter() - started)
         return results
 
     def _run(self, chunks: Seq[ScheduledChunk], block_tables, *, is_decode: bool,

@@ -67,6 +67,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="numerics level of requests that do not choose one: standard (plain float32 "
                             "here), high (compensated, batch-invariant) or ultra (also error-free matmuls "
                             "and double-word activations) (default: %(default)s)")
+    group.add_argument("--high-precision-share", type=float, default=defaults.high_precision_share,
+                       help="the most of the engine's time high and ultra calls may take while standard "
+                            "requests wait, so an expensive request cannot stall the cheap ones: standard's "
+                            "mean inter-token latency grows by at most 1/(1 - share) (1: no limit; default: "
+                            "%(default)s)")
     group.add_argument("--attention-backend", choices=attention.CHOICES, default=defaults.attention_backend,
                        help="attention kernels: auto (Pallas paged attention and cuDNN on a GPU at standard "
                             "precision, the XLA gather path elsewhere), xla, or pallas (the kernels; in "
@@ -94,7 +99,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-        precision=args.precision, attention_backend=args.attention_backend, dtype=args.dtype,
+        precision=args.precision, high_precision_share=args.high_precision_share,
+        attention_backend=args.attention_backend, dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         warmup=args.warmup,

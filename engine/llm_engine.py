@@ -25,6 +25,7 @@ from engine.batch_runner import BatchRunner
 from engine.block_manager import BlockManager
 from engine import memory
 from engine.compilation_cache import enable_compilation_cache
+from engine.precision_share import PrecisionShare
 from engine.outputs import (CompletionOutput, EngineStats, ModelInfo, RejectedField, RequestOutput,
                             RequestRejected, Stability)
 from engine.sampling import SamplingParams
@@ -38,6 +39,7 @@ from model.llama import LlamaForCausalLM
 from model.numerics import Precision
 from model.quantization import Quantization
 
+_EXPENSIVE_LEVELS = frozenset({Precision.HIGH, Precision.ULTRA})  # deferred by PrecisionShare
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,6 +72,9 @@ class EngineConfig:
     # (also the activations per token where that is faster).
     quantization: str = "none"
     warmup: bool = False  # compile every bucketed program at start (at `precision`)
+    # The most of the engine's time HIGH and ULTRA calls take while STANDARD work waits
+    # (engine.precision_share); 1: no limit.
+    high_precision_share: float = 0.25
     compilation_cache_dir: str | None = None  # JAX's persistent cache; None: off
 
     def mesh(self):
@@ -98,6 +103,8 @@ class EngineConfig:
             memory.resolve_dtype(name, "cpu")  # validates
         if self.quantization not in quantization.CHOICES:
             raise ValueError(f"quantization must be one of {quantization.CHOICES}, got {self.quantization!r}")
+        if not 0 < self.high_precision_share <= 1:
+            raise ValueError(f"high_precision_share must be in (0, 1], got {self.high_precision_share}")
         if self.attention_backend not in attention.CHOICES:
             raise ValueError(f"attention_backend must be one of {attention.CHOICES}, got {self.attention_backend!r}")
 
@@ -161,6 +168,7 @@ class LLMEngine:
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.block_manager)
+        self.precision_share = PrecisionShare(config.high_precision_share)
         self.runner = BatchRunner(model, num_blocks=self.num_blocks, block_size=config.block_size,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
@@ -244,7 +252,14 @@ class LLMEngine:
     # -- one step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the requests it advanced (finished ones for the last time)."""
-        scheduled = self.scheduler.schedule()
+        levels = {s.params.precision for s in (*self.scheduler.running, *self.scheduler.waiting)}
+        has_cheap, has_expensive = Precision.STANDARD in levels, bool(levels - {Precision.STANDARD})
+        deferred = frozenset()
+        if self.precision_share.defers_expensive(has_cheap_work=has_cheap, has_expensive_work=has_expensive):
+            deferred = _EXPENSIVE_LEVELS
+        scheduled = self.scheduler.schedule(deferred=deferred)
+        if scheduled.is_empty and deferred:  # the STANDARD work cannot run now (no free blocks): no deferral
+            scheduled = self.scheduler.schedule()
         for seq in scheduled.preempted:
             if seq.prompt_logprobs is not None:
                 seq.prompt_logprobs.clear()  # recomputed with the prompt
@@ -253,6 +268,11 @@ class LLMEngine:
         chunks = scheduled.decodes + scheduled.prefills
         tables = {c.seq.seq_id: self.block_manager.block_table(c.seq.seq_id) for c in chunks}
         results = self.runner.execute(scheduled, tables)
+        seconds = self.runner.last_step_seconds
+        self.precision_share.record(
+            cheap_seconds=seconds.get(Precision.STANDARD, 0.0),
+            expensive_seconds=sum(t for level, t in seconds.items() if level is not Precision.STANDARD),
+            has_cheap_work=has_cheap, has_expensive_work=has_expensive)
         now = time.time()
         touched: dict[str, _Request] = {}
         for chunk in chunks:

@@ -10,6 +10,8 @@ already part-way through their prompt, then new sequences in arrival order
 ones behind it). When the pool runs out of blocks, the most recently
 arrived running sequence is preempted: its blocks are freed and it starts
 again later by recomputing its tokens (prefix-cache hits make that cheap).
+A step may defer some precision levels (engine.precision_share): their
+sequences sit that step out, running or waiting, and hold their places.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class Scheduler:
                 self.finish(seq, FinishReason.ABORT)
 
     # -- one step ----------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, *, deferred: frozenset = frozenset()) -> SchedulerOutput:
+        """The next step's chunks; sequences whose precision level is in `deferred` sit it out."""
         budget = self.config.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
@@ -106,9 +109,10 @@ class Scheduler:
 
         # Running sequences: decodes first, then unfinished prompt chunks.
         # Victims for preemption come from the back (the latest admitted).
+        running = [s for s in self.running if s.params.precision not in deferred]
         queue = collections.deque(
-            [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-            + [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1])
+            [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
+            + [s for s in running if s.num_tokens - s.num_computed_tokens > 1])
         while queue and budget > 0:
             seq = queue.popleft()
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -124,10 +128,10 @@ class Scheduler:
                  else prefills).append(chunk)
                 budget -= num_new
 
-        # New (or preempted) sequences, first come first served.
-        while self.waiting and budget > 0 and not preempted \
-                and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        # New (or preempted) sequences, first come first served (deferred ones keep their places).
+        for seq in [s for s in self.waiting if s.params.precision not in deferred]:
+            if budget <= 0 or preempted or len(self.running) >= self.config.max_num_seqs:
+                break
             tokens = seq.token_ids
             if seq.uses_prefix_cache:
                 seq.num_computed_tokens = self.block_manager.reference_cached_prefix(
@@ -137,7 +141,7 @@ class Scheduler:
                 self.block_manager.free(seq.seq_id)  # drop the prefix references again
                 seq.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             prefills.append(ScheduledChunk.next_for(seq, num_new))

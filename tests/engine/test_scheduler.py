@@ -110,3 +110,29 @@ def test_abort_frees_blocks_at_once():
     sched.abort([a])
     assert a.finish_reason is FinishReason.ABORT and sched.block_manager.usage == 0
     assert not sched.has_unfinished()
+
+
+def test_deferred_levels_sit_a_step_out_and_keep_their_places():
+    from model.numerics import Precision
+
+    sched = _scheduler(budget=32)
+    cheap = _seq(4, name="cheap")
+    dear = Sequence(request_id="dear", choice=0, prompt_ids=list(range(50, 54)),
+                    params=SamplingParams(max_tokens=8, precision="ultra"), seed=0, arrival_time=0.0)
+    later = _seq(4, start=200, name="later")
+    for seq in (dear, cheap):
+        sched.add(seq)
+    out = sched.schedule(deferred=frozenset({Precision.ULTRA}))
+    assert [c.seq for c in out.prefills] == [cheap]  # the ultra one waits, ahead of nothing
+    assert list(sched.waiting) == [dear]
+    for chunk in out.prefills:
+        sched.commit(chunk)
+        chunk.seq.output_ids.append(1)
+    sched.add(later)
+    out = sched.schedule()  # no deferral: the ultra one is still first in line
+    assert [c.seq for c in out.decodes] == [cheap] and [c.seq for c in out.prefills] == [dear, later]
+    for chunk in out.decodes + out.prefills:
+        sched.commit(chunk)
+        chunk.seq.output_ids.append(1)
+    out = sched.schedule(deferred=frozenset({Precision.ULTRA}))  # a running ultra sequence sits out too
+    assert [c.seq for c in out.decodes] == [cheap, later]
