@@ -57,7 +57,8 @@ async def create_key(request: Request, data: JSONBody[CreateKeyRequest],
         key, record = await anyio.to_thread.run_sync(lambda: store.create(
             name=data.name, actor=principal_of(request).actor, user_id=data.user_id, role=Role(data.role),
             tier=Tier(data.tier), models=tuple(data.models), rpm=data.rpm, tpm=data.tpm,
-            tokens_per_day=data.tokens_per_day, max_parallel=data.max_parallel, expires_in=expires_in))
+            tokens_per_day=data.tokens_per_day, max_parallel=data.max_parallel, precisions=tuple(data.precisions),
+            expires_in=expires_in))
     except ValueError as e:
         raise RequestError(str(e), param=str(e).split(" ", 1)[0]) from None
     return CreatedKey(key=key, record=key_record(record))

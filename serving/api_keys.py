@@ -4,8 +4,9 @@ A key is `sk-` + 32 random bytes (url-safe base64). Only its SHA-256 is
 stored, with a short display prefix (the key's first 12 characters) that
 people see and revoke by; the plaintext is returned once, by `create`. A key
 carries its owner (`user_id`), role (`admin` or `user`), tier (`free`, `pro`,
-`enterprise`), the models it may use (empty: all), optional per-key limits
-overriding its tier's, an expiry and a revocation time.
+`enterprise`), the models it may use (empty: all), the precision levels it may
+ask for (empty: all the server allows), optional per-key limits overriding its
+tier's, an expiry and a revocation time.
 
 `verify` runs on every authenticated request, so it keeps what it read for a
 few seconds (`CACHE_SECONDS`); a revocation through this store clears that at
@@ -24,11 +25,13 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from model.numerics import Precision
 from serving.database import API_KEYS, AUDIT_LOG
 
 KEY_PREFIX = "sk-"
 DISPLAY_LENGTH = 12  # "sk-" and 9 characters of the random part
 CACHE_SECONDS = 5.0
+PRECISION_LEVELS = tuple(p.value for p in Precision)
 _DRAWS = 4  # fresh keys tried when a display prefix is taken, before the error is the caller's
 
 
@@ -57,6 +60,7 @@ class ApiKey:
     tpm: int | None = None
     tokens_per_day: int | None = None
     max_parallel: int | None = None
+    precisions: tuple[str, ...] = ()  # empty: every level the server allows
     created_at: float = 0.0
     expires_at: float | None = None
     revoked_at: float | None = None
@@ -67,7 +71,8 @@ class ApiKey:
     def as_json(self) -> dict:
         """For the admin API, the CLI and the audit rows: enums by value."""
         out = dataclasses.asdict(self)
-        out.update(role=self.role.value, tier=self.tier.value, models=list(self.models))
+        out.update(role=self.role.value, tier=self.tier.value, models=list(self.models),
+                   precisions=list(self.precisions))
         return out
 
 
@@ -78,8 +83,8 @@ def hash_key(key: str) -> str:
 def _record(row) -> ApiKey:
     return ApiKey(prefix=row.prefix, name=row.name, user_id=row.user_id, role=Role(row.role), tier=Tier(row.tier),
                   models=tuple(row.models or ()), rpm=row.rpm, tpm=row.tpm, tokens_per_day=row.tokens_per_day,
-                  max_parallel=row.max_parallel, created_at=row.created_at, expires_at=row.expires_at,
-                  revoked_at=row.revoked_at)
+                  max_parallel=row.max_parallel, precisions=tuple(row.precisions or ()), created_at=row.created_at,
+                  expires_at=row.expires_at, revoked_at=row.revoked_at)
 
 
 class KeyStore:
@@ -92,7 +97,7 @@ class KeyStore:
     def create(self, *, name: str, actor: str, user_id: str | None = None, role: Role = Role.USER,
                tier: Tier = Tier.FREE, models: tuple[str, ...] = (), rpm: int | None = None,
                tpm: int | None = None, tokens_per_day: int | None = None, max_parallel: int | None = None,
-               expires_in: float | None = None) -> tuple[str, ApiKey]:
+               precisions: tuple[str, ...] = (), expires_in: float | None = None) -> tuple[str, ApiKey]:
         """A new key: (its plaintext, shown once, and its record). Raises ValueError for bad fields."""
         name = name.strip()
         if not name:
@@ -105,12 +110,16 @@ class KeyStore:
             raise ValueError(f"expires_in must be a positive number of seconds, got {expires_in!r}")
         if any(not m or not isinstance(m, str) for m in models):
             raise ValueError("models must be non-empty model names")
+        unknown = [p for p in precisions if p not in PRECISION_LEVELS]
+        if unknown:
+            raise ValueError(f"precisions must be among {list(PRECISION_LEVELS)}, got {unknown}")
         now = self._clock()
         for attempt in range(_DRAWS):  # a display prefix already taken (about 1 in 2**54): draw again
             key = KEY_PREFIX + secrets.token_urlsafe(32)
             record = ApiKey(prefix=key[:DISPLAY_LENGTH], name=name, user_id=user_id or name, role=Role(role),
                             tier=Tier(tier), models=tuple(models), rpm=rpm, tpm=tpm,
-                            tokens_per_day=tokens_per_day, max_parallel=max_parallel, created_at=now,
+                            tokens_per_day=tokens_per_day, max_parallel=max_parallel,
+                            precisions=tuple(dict.fromkeys(precisions)), created_at=now,
                             expires_at=None if expires_in is None else now + expires_in)
             values = record.as_json() | {"key_hash": hash_key(key)}
             try:

@@ -32,6 +32,7 @@ class Principal:
     role: Role
     tier: Tier
     models: tuple[str, ...] = ()  # empty: every model
+    precisions: tuple[str, ...] = ()  # precision levels it may ask for; empty: every one the server allows
     key_prefix: str | None = None  # a stored key's display prefix
     api_key: ApiKey | None = None  # the stored key's record (its limits)
     is_limited: bool = True  # False for static keys and without authentication: no budget
@@ -54,6 +55,12 @@ class Principal:
         if self.models and name not in self.models:
             raise RequestError(f"this API key may not use the model {name!r}", status_code=403,
                                code="model_not_allowed", param="model")
+
+    def check_precision(self, level: str, *, param: str = "precision") -> None:
+        if self.precisions and level not in self.precisions:
+            raise RequestError(f"this API key may not use the {level!r} precision level (it may use "
+                               f"{', '.join(self.precisions)})", status_code=403, code="precision_not_allowed",
+                               param=param)
 
     def check_admin(self) -> None:
         if self.role is not Role.ADMIN:
@@ -120,10 +127,11 @@ class Authenticator:
                 claims = self._jwt.verify(token)
             except InvalidToken as e:
                 raise RequestError(f"invalid token: {e}", status_code=401, code="invalid_api_key") from None
-            return Principal(user_id=claims.user_id, role=claims.role, tier=claims.tier, models=claims.models)
+            return Principal(user_id=claims.user_id, role=claims.role, tier=claims.tier, models=claims.models,
+                             precisions=claims.precisions)
         record = self.store.verify(token) if self.store is not None else None
         if record is None:
             raise RequestError("incorrect API key provided, or it expired or was revoked", status_code=401,
                                code="invalid_api_key")
         return Principal(user_id=record.user_id, role=record.role, tier=record.tier, models=record.models,
-                         key_prefix=record.prefix, api_key=record)
+                         precisions=record.precisions, key_prefix=record.prefix, api_key=record)

@@ -32,6 +32,7 @@ API_KEYS = sa.Table(
     sa.Column("models", sa.JSON, nullable=False),  # allowed model names; empty: all
     sa.Column("rpm", sa.Integer), sa.Column("tpm", sa.Integer),  # per-key overrides of the tier
     sa.Column("tokens_per_day", sa.BigInteger), sa.Column("max_parallel", sa.Integer),
+    sa.Column("precisions", sa.JSON),  # allowed precision levels; empty or NULL: all the server allows
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float), sa.Column("revoked_at", sa.Float),
 )
@@ -79,8 +80,14 @@ def _v2(connection: Connection) -> None:
     USAGE.create(connection, checkfirst=True)
 
 
+def _v3(connection: Connection) -> None:
+    # v1 creates api_keys from the table as defined now: a database made since has the column.
+    if "precisions" not in {c["name"] for c in sa.inspect(connection).get_columns("api_keys")}:
+        connection.execute(sa.text("ALTER TABLE api_keys ADD COLUMN precisions JSON"))
+
+
 # Step i brings a database from version i to i + 1. Append; never edit a step that has shipped.
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_v1, _v2)
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -6,7 +6,8 @@ with an RSA public key as its secret. `exp` and `sub` are required; `nbf`
 and `iat` are checked when present; `iss` and `aud` when the server names
 them; 30 s of leeway for clocks. `sub` is the user; a `role` claim (`admin`
 or `user`, default `user`) and a `tier` claim (default `free`) apply as for
-API keys, and a `models` claim (a list) limits the models as a key's list does.
+API keys, and `models` and `precisions` claims (lists) limit the models and precision levels as a
+key's lists do.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import jwt
 
-from serving.api_keys import Role, Tier
+from serving.api_keys import PRECISION_LEVELS, Role, Tier
 
 LEEWAY_SECONDS = 30
 MIN_SECRET_BYTES = 32
@@ -52,6 +53,7 @@ class TokenClaims:
     role: Role
     tier: Tier
     models: tuple[str, ...]
+    precisions: tuple[str, ...] = ()
 
 
 class InvalidToken(Exception):
@@ -83,9 +85,13 @@ class JwtVerifier:
             models = claims.get("models") or ()
             if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) for m in models):
                 raise ValueError("the models claim must be a list of model names")
+            precisions = claims.get("precisions") or ()
+            if not isinstance(precisions, (list, tuple)) or not all(p in PRECISION_LEVELS for p in precisions):
+                raise ValueError(f"the precisions claim must be a list of {list(PRECISION_LEVELS)}")
             if not isinstance(claims["sub"], str) or not claims["sub"]:
                 raise ValueError("the sub claim must be a non-empty string")
             return TokenClaims(user_id=claims["sub"], role=Role(claims.get("role", "user")),
-                               tier=Tier(claims.get("tier", "free")), models=tuple(models))
+                               tier=Tier(claims.get("tier", "free")), models=tuple(models),
+                               precisions=tuple(precisions))
         except ValueError as e:
             raise InvalidToken(str(e)) from None

@@ -43,6 +43,9 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--role", choices=[r.value for r in Role], default="user")
     create.add_argument("--tier", choices=[t.value for t in Tier], default="free")
     create.add_argument("--models", default="", help="comma-separated model names it may use (default: all)")
+    create.add_argument("--precisions", default="",
+                        help="comma-separated precision levels it may ask for: standard, high, ultra (default: all "
+                             "the server allows)")
     for flag in ("--rpm", "--tpm", "--tokens-per-day", "--max-parallel"):
         create.add_argument(flag, type=_positive, default=None, help="override the tier's limit")
     create.add_argument("--expires", default=None, help="a duration such as 30d, 12h or 90m (default: never)")
@@ -72,7 +75,8 @@ def keys_command(args: argparse.Namespace) -> int:
         key, record = store.create(
             name=args.name, actor="cli", user_id=args.user, role=Role(args.role), tier=Tier(args.tier),
             models=tuple(m.strip() for m in args.models.split(",") if m.strip()), rpm=args.rpm, tpm=args.tpm,
-            tokens_per_day=args.tokens_per_day, max_parallel=args.max_parallel, expires_in=expires_in)
+            tokens_per_day=args.tokens_per_day, max_parallel=args.max_parallel, expires_in=expires_in,
+            precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()))
         if args.json:
             print(json.dumps({"key": key, "record": record.as_json()}))
         else:
@@ -87,8 +91,9 @@ def keys_command(args: argparse.Namespace) -> int:
             state = "revoked" if record.revoked_at else ("expired" if not record.is_valid(time.time()) else "active")
             expires = "never" if record.expires_at is None else _iso(record.expires_at)
             models = ",".join(record.models) or "all models"
+            levels = ",".join(record.precisions) or "all levels"
             print(f"{record.prefix}  {state:7s}  {record.role.value:5s}  {record.tier.value:10s}  "
-                  f"user={record.user_id}  name={record.name}  {models}  expires {expires}")
+                  f"user={record.user_id}  name={record.name}  {models}  {levels}  expires {expires}")
         return 0
     record = store.revoke(args.prefix, actor="cli")
     if record is None:

@@ -102,6 +102,7 @@ async def _complete(http_request: Request, server: ServerState, request: ParsedR
                                          max_tokens_given=request.max_tokens is not None,
                                          prompt_param=request.prompt_param, max_tokens_param=request.max_tokens_param,
                                          logprobs_param=logprobs_param) for ids in prompts]
+    server.check_precision(http_request, model, params[0], param="precision")
     prefix = "chatcmpl" if request.endpoint is Endpoint.CHAT else "cmpl"
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     created = int(time.time())

@@ -400,6 +400,8 @@ class CreateKeyRequest(_Body):
     tpm: int | None = None
     tokens_per_day: int | None = None
     max_parallel: int | None = None
+    # Precision levels it may ask for; empty: every level the server allows.
+    precisions: list[Literal["standard", "high", "ultra"]] = msgspec.field(default_factory=list)
     expires_in: str | None = None  # a duration: 30d, 12h, 90m, 45s
 
 
@@ -414,6 +416,7 @@ class KeyRecord(msgspec.Struct):
     tpm: int | None
     tokens_per_day: int | None
     max_parallel: int | None
+    precisions: list[str]
     created_at: float  # seconds since the epoch
     expires_at: float | None
     revoked_at: float | None

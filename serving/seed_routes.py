@@ -43,18 +43,20 @@ from serving.openai_requests import parse_chat, prompt_token_ids
 from serving.schemas import (AssistantMessage, ChatCompletionRequest, EmbeddingsRequest, SeedChatDelta,
                              SeedChatRequest, SeedChatResponse, SeedEmbeddingsRequest, SeedEmbeddingsResponse,
                              SeedGenerateRequest, SeedGenerateResponse, SeedModel, SeedModelList)
-from serving.state import PRECISION_LEVELS, ServedModel, ServerState
+from serving.state import ServedModel, ServerState
 
 _DEFAULT_CHAT_MAX_LENGTH = 512
 
 
 @get("/models", summary="Seed API: the served models", responses=ERROR_RESPONSES)
 async def seed_models(request: Request, server: NamedDependency[ServerState]) -> SeedModelList:
-    allowed = principal_of(request).models
+    principal = principal_of(request)
+    levels = [level for level in server.config.allowed_precisions
+              if not principal.precisions or level in principal.precisions]
     return SeedModelList(models=[
         SeedModel(name=model.name, type="chat" if model.can_generate else "embedding",
-                  max_model_len=model.info.max_model_len, precision_levels=list(PRECISION_LEVELS))
-        for model in server.models.values() if not allowed or model.name in allowed])
+                  max_model_len=model.info.max_model_len, precision_levels=levels)
+        for model in server.models.values() if not principal.models or model.name in principal.models])
 
 
 @post("/api/v1/generate", summary="Seed API: continue a raw-text prompt",
@@ -64,6 +66,7 @@ async def seed_generate(request: Request, data: JSONBody[SeedGenerateRequest],
     model = server.model_for(request, None, generate=True)
     prompt_ids = await asyncio.to_thread(model.info.tokenizer.encode, data.prompt)  # off the event loop
     params = _params(server, model, data, prompt_ids, data.max_length, prompt_param="prompt")
+    server.check_precision(request, model, params, param="act_precision")
     output = await _generate(request, server, model, prompt_ids, params, prompt=lambda: data.prompt)
     choice = output.outputs[0]
     return SeedGenerateResponse(generated_text=choice.text, tokens_generated=len(choice.token_ids),
@@ -85,6 +88,7 @@ async def seed_chat(request: Request, data: JSONBody[SeedChatRequest],
     if max_length is None:
         max_length = max(1, min(_DEFAULT_CHAT_MAX_LENGTH, info.max_model_len - len(prompt_ids)))
     params = _params(server, model, data, prompt_ids, max_length, prompt_param="messages")
+    server.check_precision(request, model, params, param="act_precision")
     if data.stream:
         meter = server.meter(model, params=params, is_stream=True, prompt=lambda: data.messages)
         charged = await charge(request, server.rate_limiter, tokens=len(prompt_ids) + params.max_tokens,

@@ -30,6 +30,7 @@ from engine.engine_args import add_engine_arguments, engine_config_from_args, pa
 from engine.startup import StartupPhases
 from model.pooling import PoolingMode
 from serving import logs
+from serving.api_keys import PRECISION_LEVELS
 from serving.jwt_auth import JwtSettings
 from serving.request_limits import RequestLimits
 from serving.state import ModelSpec, ServeConfig, ServerState
@@ -75,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", default=None,
                         help="the database of stored keys and usage records: sqlite:///PATH or postgresql://… (default: "
                              "$BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
+    parser.add_argument("--allowed-precision", nargs="+", choices=PRECISION_LEVELS, default=None,
+                        metavar="LEVEL",
+                        help="the precision levels requests may ask for (standard, high, ultra); others get a "
+                             "403; a key's own list narrows it further (default: all)")
     parser.add_argument("--redis-url", default=None,
                         help="keep the rate limits' budgets in Redis (redis://HOST:6379/0), shared by every "
                              "replica that names it (default: $BALANSIS_REDIS_URL, else this process's memory)")
@@ -136,12 +141,16 @@ def serve_command(args: argparse.Namespace) -> int:
                          redis_url=args.redis_url or os.environ.get("BALANSIS_REDIS_URL") or None,
                          jwt=jwt, allowed_origins=tuple(args.allowed_origins), log_requests=not args.no_access_log,
                          log_prompts=args.log_prompts,
+                         allowed_precisions=tuple(args.allowed_precision or PRECISION_LEVELS),
                          max_auth_failures_per_minute=args.max_auth_failures_per_minute or None,
                          max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                          max_body_bytes=args.max_body_size,
                          limits=RequestLimits(max_prompt_tokens=args.max_prompt_tokens,
                                               max_completion_tokens=args.max_completion_tokens,
                                               max_n=args.max_n, max_logprobs=args.max_logprobs))
+    if args.precision not in config.allowed_precisions:
+        raise ValueError(f"--precision {args.precision} is not among --allowed-precision "
+                         f"{' '.join(config.allowed_precisions)}: requests that name no level would all be refused")
     models = model_specs(args)
     logs.configure(level=args.log_level, log_format=args.log_format)
     server: _DrainingServer | None = None

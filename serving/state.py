@@ -35,7 +35,7 @@ from engine.startup import StartupPhases
 from model.numerics import Precision
 from model.pooling import PoolingMode
 from serving import database
-from serving.api_keys import KeyStore
+from serving.api_keys import PRECISION_LEVELS, KeyStore
 from serving.auth import ANONYMOUS, Authenticator, FailureLimit, Principal, principal_of
 from serving.errors import RequestError
 from serving.jwt_auth import JwtSettings, JwtVerifier
@@ -47,7 +47,6 @@ from serving.metrics import ServingMetrics
 
 log = logging.getLogger("balansis.serving")
 
-PRECISION_LEVELS = tuple(p.value for p in Precision)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,6 +58,8 @@ class ServeConfig:
     database_url: str | None = None  # the key store's (serving.database); None: the default SQLite file
     redis_url: str | None = None  # rate-limit budgets shared by replicas (serving.rate_limits); None: in memory
     jwt: JwtSettings = JwtSettings()  # bearer JWTs (serving.jwt_auth); off unless a key source is given
+    # Precision levels requests may ask for (serving.auth.Principal.check_precision); a key narrows them.
+    allowed_precisions: tuple[str, ...] = PRECISION_LEVELS
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any)
     log_requests: bool = True  # an access-log line per request (serving.http_observer)
     log_prompts: bool = False  # keep prompts and outputs in the usage records (serving.usage)
@@ -78,6 +79,9 @@ class ServeConfig:
             raise ValueError("an API key must not be empty")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if not self.allowed_precisions or any(p not in PRECISION_LEVELS for p in self.allowed_precisions):
+            raise ValueError(f"allowed_precisions must be some of {list(PRECISION_LEVELS)}, "
+                             f"got {list(self.allowed_precisions)}")
         if self.max_auth_failures_per_minute is not None and self.max_auth_failures_per_minute < 1:
             raise ValueError(f"max_auth_failures_per_minute must be None or at least 1, "
                              f"got {self.max_auth_failures_per_minute}")
@@ -273,6 +277,17 @@ class ServerState:
             self.metrics.usage_records_dropped.inc()
         else:
             self.usage_store.submit(row)
+
+    def check_precision(self, request, model: "ServedModel", params: SamplingParams, *, param: str) -> None:
+        """A 403 unless the level `params` runs at (the model's default when unset) is one this server
+        and the caller's key allow (`param`: the body field that names it)."""
+        level = (Precision(params.precision).value if params.precision is not None
+                 else model.engine_core.config.precision)
+        if level not in self.config.allowed_precisions:
+            allowed = ", ".join(self.config.allowed_precisions)
+            raise RequestError(f"this server does not run the {level!r} precision level (it allows {allowed})",
+                               status_code=403, code="precision_not_allowed", param=param)
+        principal_of(request).check_precision(level, param=param)
 
     def meter(self, model: "ServedModel", *, params: SamplingParams | None = None, is_stream: bool = False,
               num_prompts: int = 1, is_prompt_only: bool = False,

@@ -156,3 +156,30 @@ def test_an_address_that_keeps_guessing_keys_gets_429s(tiny_loaded):
         assert 'balansis:rate_limited_total{reason="auth_failures"} 2.0' in metrics
     finally:
         server.stop()
+
+
+def test_a_key_without_a_level_gets_403_for_it(keyed_server):
+    key = _create(keyed_server, precisions=["standard", "high"])["key"]
+    assert _chat(keyed_server, key).choices  # the server's default level, standard
+    with sdk(keyed_server, api_key=key) as client, pytest.raises(openai.PermissionDeniedError) as info:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"precision": "ultra"})
+    sdk_error(info, status=403, code="precision_not_allowed", param="precision", kind="permission_error")
+    seed = httpx.post(keyed_server.url + "/api/v1/generate", json={"prompt": "Hi", "act_precision": "ultra"},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    error_of(seed, status=403, code="precision_not_allowed", param="act_precision", kind="permission_error")
+    levels = httpx.get(keyed_server.url + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=60).json()
+    assert levels["models"][0]["precision_levels"] == ["standard", "high"]
+    refused = httpx.post(keyed_server.url + "/admin/keys", json={"name": "x", "precisions": ["fast"]}, headers=ADMIN,
+                         timeout=60)
+    assert refused.status_code == 400
+
+
+def test_a_server_can_refuse_a_level_to_everyone(tiny_loaded):
+    server = start_server(tiny_loaded, allowed_precisions=("standard",))
+    try:
+        with sdk(server) as client, pytest.raises(openai.PermissionDeniedError) as info:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                           extra_body={"precision": "high"})
+        sdk_error(info, status=403, code="precision_not_allowed", param="precision", kind="permission_error")
+    finally:
+        server.stop()

@@ -40,7 +40,20 @@ def test_a_valid_hs256_token_gives_its_claims():
     claims = verifier.verify(jwt.encode(_claims(role="admin", tier="pro", models=["tiny"]), SECRET, "HS256"))
     assert (claims.user_id, claims.role, claims.tier, claims.models) == ("alice", Role.ADMIN, Tier.PRO, ("tiny",))
     plain = verifier.verify(jwt.encode(_claims(), SECRET, "HS256"))
-    assert (plain.role, plain.tier, plain.models) == (Role.USER, Tier.FREE, ())
+    assert (plain.role, plain.tier, plain.models, plain.precisions) == (Role.USER, Tier.FREE, (), ())
+    levels = verifier.verify(jwt.encode(_claims(precisions=["standard"]), SECRET, "HS256"))
+    assert levels.precisions == ("standard",)
+    _refused(verifier, jwt.encode(_claims(precisions=["fast"]), SECRET, "HS256"))
+
+
+def test_a_tokens_user_spends_one_budget_by_its_sub():
+    """JWTs have no key: their rate limits are their user's (serving.rate_limits), by tier."""
+    from serving.auth import Authenticator
+    from serving.rate_limits import TIER_LIMITS
+
+    authenticator = Authenticator(jwt=JwtVerifier(JwtSettings(secret=SECRET)))
+    principal = authenticator.authenticate("Bearer " + jwt.encode(_claims(tier="pro"), SECRET, "HS256"))
+    assert principal.budget.owner == "user:alice" and principal.budget.limits == TIER_LIMITS[Tier.PRO]
 
 
 def test_forged_expired_and_incomplete_tokens_are_refused():
