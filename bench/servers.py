@@ -66,8 +66,9 @@ def is_installed(name: str) -> bool:
 
 
 def start(name: str, *, max_streams: int, server_model: str | None = None, extra_args: tuple[str, ...] = (),
-          log_path: Path | None = None, timeout_s: float = 1800) -> Server:
-    """Start server `name` and wait until it is ready; raises SystemExit if it exits or times out."""
+          log_path: Path | None = None, timeout_s: float = 1800, model: str | None = None) -> Server:
+    """Start server `name` and wait until it is ready; raises SystemExit if it exits or times out.
+    `model`: what requests send as `model` (default: the first the server lists)."""
     port = free_port()
     env = dict(os.environ)
     if name == "balansis":
@@ -75,16 +76,16 @@ def start(name: str, *, max_streams: int, server_model: str | None = None, extra
                    "--max-num-seqs", str(max_streams), *extra_args]
         if server_model:
             command += ["--model", server_model]
-        ready_path, model = "/ready", None
+        ready_path = "/ready"
     elif name == "vllm":
         command = ["bash", str(VLLM_PEER / "serve.sh"), str(port), *extra_args]
-        ready_path, model = "/health", "smollm2"
+        ready_path, model = "/health", model or "smollm2"
     elif name == "llama-server":
         gguf = server_model or str(_default_gguf())
         # One slot per stream, each with room for a chat prompt and its completion.
         command = [str(LLAMA_SERVER), "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", "2",
                    "-np", str(max_streams), "-c", str(max_streams * 512), "--no-webui", *extra_args]
-        ready_path, model = "/health", Path(gguf).name
+        ready_path, model = "/health", model or Path(gguf).name
     else:
         raise ValueError(f"unknown server {name!r}")
     started = time.perf_counter()

@@ -27,6 +27,7 @@ from serving.auth import principal_of
 from serving.errors import EXCEPTION_HANDLERS, RequestError
 from serving.generation import ClientDisconnected
 from serving.http_observer import HttpObserver
+from serving.openapi import FinishedJson
 from serving.state import ServerState
 
 
@@ -84,7 +85,8 @@ def create_app(server: ServerState) -> Litestar:
         cors_config=_cors(server.config.allowed_origins),
         logging_config=None,  # logging is the server's (serving.logs), not a second format of Litestar's
         openapi_config=OpenAPIConfig(title="BalansisLLM", version=metadata.version("balansis"), path="/docs",
-                                     render_plugins=[SwaggerRenderPlugin()]),
+                                     render_plugins=[FinishedJson(is_auth_on=authenticator.is_on),
+                                                     SwaggerRenderPlugin()]),
         signature_namespace={"ServerState": ServerState},
     )
     # Around Litestar's own handler (its routing, exception handling and CORS), so 404s are seen too.

@@ -217,7 +217,11 @@ async def embed_inputs(request: Request, metrics: ServingMetrics, model: ServedM
     """Vectors of checked inputs from the model's embedder (a 429 when its queue is full), counted;
     the charge is settled: its tokens used when the vectors came, given back otherwise."""
     started = time.time()
-    embedder = model.ready_embedder()
+    try:
+        embedder = model.ready_embedder()  # a 503 now (loading, draining) costs the caller nothing
+    except RequestError:
+        await charge.settle(refund_request=True)
+        raise
     admission = await admit(model, 1, charge)
     outcome = "abort"  # unless it finishes or fails
     try:

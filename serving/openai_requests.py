@@ -83,19 +83,19 @@ _SAMPLING_FIELDS = tuple(
 # Fields of either body, for naming the parameter behind a SamplingParams error.
 _BODY_FIELDS = frozenset(ChatCompletionRequest.__struct_fields__) | frozenset(CompletionRequest.__struct_fields__)
 # Known fields we do not implement, with the values that ask for nothing.
-_CHAT_UNSUPPORTED: dict[str, tuple] = {
+CHAT_UNSUPPORTED: dict[str, tuple] = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
     "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,)}
-_COMPLETION_UNSUPPORTED: dict[str, tuple] = {"suffix": (None, ""), "best_of": (None,)}
-_ROLES = {"system", "developer", "user", "assistant"}
-_MESSAGE_FIELDS = ("role", "content", "name")  # the rest of ChatMessage (tool calls, …) is refused
+COMPLETION_UNSUPPORTED: dict[str, tuple] = {"suffix": (None, ""), "best_of": (None,)}
+ROLES = {"system", "developer", "user", "assistant"}
+MESSAGE_FIELDS = ("role", "content", "name")  # the rest of ChatMessage (tool calls, …) is refused
 
 
 def parse_chat(body: ChatCompletionRequest) -> ParsedRequest:
     """Check a chat body; raises RequestError naming the first problem."""
-    _refuse_unsupported(body, _CHAT_UNSUPPORTED)
+    _refuse_unsupported(body, CHAT_UNSUPPORTED)
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(getattr(body, max_tokens_param), max_tokens_param, least=1)
     messages = _messages(body.messages)
@@ -122,7 +122,7 @@ def parse_completion(body: CompletionRequest) -> ParsedRequest:
     """Check a completions body; raises RequestError naming the first problem."""
     if body.best_of is not None and body.best_of == (body.n or 1):
         body = msgspec.structs.replace(body, best_of=None)  # best_of == n picks every choice: nothing to do
-    _refuse_unsupported(body, _COMPLETION_UNSUPPORTED)
+    _refuse_unsupported(body, COMPLETION_UNSUPPORTED)
     echo = bool(body.echo)
     max_tokens = _max_tokens(body.max_tokens, "max_tokens", least=0 if echo else 1)  # echo with 0: prompt only
     return ParsedRequest(
@@ -241,10 +241,10 @@ def _messages(value: list[ChatMessage] | None) -> tuple[dict[str, str], ...]:
     messages = []
     for i, m in enumerate(value):
         where = f"messages[{i}]"
-        if m.role not in _ROLES:
-            raise RequestError(f"{where}.role must be one of {sorted(_ROLES)}, got {m.role!r}", param=f"{where}.role")
+        if m.role not in ROLES:
+            raise RequestError(f"{where}.role must be one of {sorted(ROLES)}, got {m.role!r}", param=f"{where}.role")
         for key in m.__struct_fields__:
-            if key not in _MESSAGE_FIELDS and getattr(m, key) is not None:
+            if key not in MESSAGE_FIELDS and getattr(m, key) is not None:
                 raise RequestError(f"{where}.{key} is not supported", param=f"{where}.{key}",
                                    code="unsupported_parameter")
         message = {"role": "system" if m.role == "developer" else m.role,

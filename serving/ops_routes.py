@@ -46,7 +46,7 @@ async def metrics(server: NamedDependency[ServerState]) -> Response[bytes]:
     return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@get("/version", summary="Versions of the server and of JAX, and the JAX backend")
+@get("/version", summary="Versions of the server and of JAX, and the JAX backend", responses=ERROR_RESPONSES)
 async def version() -> VersionResponse:
     return VersionResponse(version=metadata.version("balansis"), jax=jax.__version__,
                            backend=jax.default_backend())
