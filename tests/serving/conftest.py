@@ -88,3 +88,17 @@ def live_server(tiny_loaded):
     server = start_server(tiny_loaded)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_loaded, tmp_path_factory):
+    """The tiny model as a folder `balansis serve --model` can load: weights, config, tokenizer
+    (for tests that need a server process of its own)."""
+    import os
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-served")
+    for name in os.listdir(tiny_loaded.path):
+        shutil.copy(tiny_loaded.path / name, folder / name)
+    tiny_loaded.tokenizer._hf.save_pretrained(folder)
+    return folder

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -100,16 +98,6 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(live_server):
     after = _wait_idle(live_server.url)
     assert _value(after, "balansis:request_success_total", finished_reason="abort") - aborts_before == 1
     assert _value(after, "balansis:kv_cache_usage_perc") == 0
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_loaded, tmp_path_factory):
-    """The tiny model as a folder `balansis serve --model` can load: weights, config, tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-served")
-    for name in os.listdir(tiny_loaded.path):
-        shutil.copy(tiny_loaded.path / name, folder / name)
-    tiny_loaded.tokenizer._hf.save_pretrained(folder)
-    return folder
 
 
 def test_sigterm_lets_running_streams_finish_then_exits_0(tiny_model_dir, minilm_folder):

@@ -7,6 +7,7 @@ share one budget."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
 
 import httpx
@@ -175,23 +176,53 @@ def test_a_request_the_queue_refuses_costs_the_key_nothing(tiny_loaded, database
         server.stop()
 
 
-def test_two_servers_on_one_redis_share_one_budget(tiny_loaded, database_file, redis_url):
+@dataclasses.dataclass
+class _Replica:
+    """A server process, addressed as the helpers address a LiveServer."""
+
+    url: str
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+
+def test_two_server_processes_on_one_redis_share_one_budget(tiny_model_dir, database_file, redis_url):
+    """Two `balansis serve` processes, as two replicas behind a load balancer: one key's requests
+    per minute are counted once across both."""
+    import subprocess
+    import sys
+
     import redis
 
-    for key in redis.Redis.from_url(redis_url).scan_iter("balansis:ratelimit:*"):
-        redis.Redis.from_url(redis_url).delete(key)
-    first = _start(tiny_loaded, database_file, redis_url=redis_url)
-    second = _start(tiny_loaded, database_file, redis_url=redis_url)
+    from tests.serving.conftest import free_port, wait_until_ready
+
+    client = redis.Redis.from_url(redis_url)
+    for stale in client.scan_iter("balansis:ratelimit:*"):
+        client.delete(stale)
+    ports = [free_port(), free_port()]
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+         "--served-model-name", MODEL, "--no-warmup", "--max-num-seqs", "4", "--max-model-len", "256",
+         "--kv-cache-memory", "8MiB", "--no-access-log", "--log-level", "warning", "--api-key", "admin-secret",
+         "--require-auth", "--database-url", database_file, "--redis-url", redis_url],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for port in ports]
+    servers = [_Replica(f"http://127.0.0.1:{port}") for port in ports]
     try:
-        key = _key(first, tier="enterprise", rpm=3)
-        with sdk(first, key) as one, sdk(second, key) as two:
+        for server, process in zip(servers, processes):
+            if not wait_until_ready(server.url, processes):
+                pytest.fail(f"a server did not become ready: {process.communicate(timeout=10)[0]}")
+        key = _key(servers[0], tier="enterprise", rpm=3)
+        with sdk(servers[0], key) as one, sdk(servers[1], key) as two:
             _chat(one)
             _chat(two)
             _chat(one)
-            for client in (two, one):
+            for replica in (two, one):
                 with pytest.raises(openai.RateLimitError) as info:
-                    _chat(client)
+                    _chat(replica)
                 sdk_error(info, status=429, code="rate_limit_exceeded", kind="requests")
     finally:
-        first.stop()
-        second.stop()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
