@@ -59,7 +59,7 @@ def create_app(server: ServerState) -> Litestar:
         # adds the headers); a generating request replaces them by what its reservation left.
         snapshot = await server.rate_limiter.peek(principal.budget)
         if snapshot is not None:
-            connection.state.rate_limit_headers = snapshot.headers()
+            connection.state.response_headers = snapshot.headers()
 
     def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         # Without authentication everyone is ANONYMOUS (an admin for the other routes' checks); the

@@ -47,12 +47,13 @@ class Charge:
         self.reservation = reservation
         self.meter = meter
 
-    async def settle(self, *, refund_request: bool = False) -> None:
+    async def settle(self, *, refund_request: bool = False, is_free: bool = False) -> None:
         """Give back the tokens not used (and, with `refund_request`, the request: it was refused later,
-        so it costs nothing). Shielded: it runs even in a cancelled task (a client that left)."""
+        so it costs nothing; with `is_free`, every token: it was answered without the engine).
+        Shielded: it runs even in a cancelled task (a client that left)."""
         if self.reservation is None:
             return
-        used = 0 if refund_request else self.meter.total_tokens
+        used = 0 if refund_request or is_free else self.meter.total_tokens
         with anyio.CancelScope(shield=True):
             await self.reservation.release(used_tokens=used, refund_request=refund_request)
 
@@ -64,8 +65,13 @@ async def charge(request: Request, limiter: RateLimiter, *, tokens: int, meter: 
     request.state.usage = meter
     reservation = await limiter.reserve(principal_of(request).budget, tokens=tokens)
     if reservation is not None:
-        request.state.rate_limit_headers = reservation.snapshot.headers()
+        add_headers(request, reservation.snapshot.headers())
     return Charge(reservation, meter)
+
+
+def add_headers(request: Request, headers: dict[str, str]) -> None:
+    """Headers for the response, whatever it turns out to be (serving.http_observer adds them)."""
+    request.state.response_headers = {**getattr(request.state, "response_headers", {}), **headers}
 
 
 async def admit(model: ServedModel, num_seqs: int, charge: Charge) -> Admission:

@@ -1,8 +1,9 @@
 """Around every HTTP request (404s, 405s and CORS answers included): its id, its metrics, its
 access-log line.
 
-- Rate-limit headers: what the request's handler or guard left in `state["rate_limit_headers"]`
-  (serving.rate_limits), unless the response carries its own (a 429's).
+- Headers the request's guard or handler left in `state["response_headers"]` (the rate-limit
+  headers of serving.rate_limits, the response cache's), unless the response carries its own (a
+  429's).
 - `X-Request-ID`: an inbound one is kept when it is sane (`REQUEST_ID_PATTERN`), else a fresh
   `req_…` replaces it; the response carries it back, and every log line logged while the request
   is handled carries it (serving.logs.REQUEST_ID).
@@ -71,7 +72,7 @@ class HttpObserver:
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
-                limits = scope["state"].get("rate_limit_headers")
+                limits = scope["state"].get("response_headers")
                 if limits:
                     present = {k.lower() for k, _ in headers}
                     headers += [(k.encode(), v.encode()) for k, v in limits.items() if k.encode() not in present]

@@ -25,14 +25,15 @@ from litestar.response import ServerSentEvent
 
 from serving.auth import principal_of
 from serving.errors import ERROR_RESPONSES, RequestError
-from serving.generation import (AdmittedStream, Charge, admit, charge, embed_inputs, final_outputs, stream_requests,
-                                unless_disconnected)
+from serving.generation import (AdmittedStream, Charge, add_headers, admit, charge, embed_inputs, final_outputs,
+                                stream_requests, unless_disconnected)
 from serving.openai_embeddings import (check_dimensions, embeddings_response, input_token_ids,
                                        parse_embeddings_request)
 from serving.openai_requests import (Endpoint, ParsedRequest, parse_chat, parse_completion, prompt_token_ids,
                                      sampling_params)
 from serving.openai_responses import TokenTexts, chat_completion, text_completion
 from serving.openai_stream import ChunkWriter
+from serving.response_cache import ResponseCache
 from serving.schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, EmbeddingList,
                              EmbeddingsRequest, ModelCard, ModelList)
 from serving.state import ServedModel, ServerState
@@ -62,14 +63,14 @@ def _card(model: ServedModel) -> ModelCard:
       status_code=200, responses=ERROR_RESPONSES)
 async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest],
                            server: NamedDependency[ServerState]) -> ChatCompletion | ServerSentEvent:
-    return await _complete(request, server, parse_chat(data))
+    return await _complete(request, server, parse_chat(data), body=data)
 
 
 @post("/v1/completions", summary="Text completion (OpenAI); SSE when stream is true",
       status_code=200, responses=ERROR_RESPONSES)
 async def completions(request: Request, data: JSONBody[CompletionRequest],
                       server: NamedDependency[ServerState]) -> Completion | ServerSentEvent:
-    return await _complete(request, server, parse_completion(data))
+    return await _complete(request, server, parse_completion(data), body=data)
 
 
 @post("/v1/embeddings", summary="Embeddings (OpenAI), from an embedding model or a chat model's hidden states",
@@ -89,8 +90,8 @@ async def embeddings(request: Request, data: JSONBody[EmbeddingsRequest],
     return embeddings_response(vectors, request=parsed, model=model.name, num_prompt_tokens=num_tokens)
 
 
-async def _complete(http_request: Request, server: ServerState, request: ParsedRequest
-                    ) -> ChatCompletion | Completion | ServerSentEvent:
+async def _complete(http_request: Request, server: ServerState, request: ParsedRequest, *,
+                    body: ChatCompletionRequest | CompletionRequest) -> ChatCompletion | Completion | ServerSentEvent:
     model = server.model_for(http_request, request.model, generate=True)
     engine = model.engine_core
     tokenizer = engine.info.tokenizer
@@ -119,6 +120,12 @@ async def _complete(http_request: Request, server: ServerState, request: ParsedR
                          prompt=lambda: request.messages if request.endpoint is Endpoint.CHAT else request.prompts)
     charged = await charge(http_request, server.rate_limiter, meter=meter,
                            tokens=sum(len(ids) + p.n * p.max_tokens for ids, p in zip(prompts, params)))
+    cache_key = _cache_key(server, model, request, params, meter, body)
+    if cache_key is not None:
+        cached = await server.response_cache.get(cache_key)
+        add_headers(http_request, {"x-balansis-cache": "miss" if cached is None else "hit"})
+        if cached is not None:
+            return await _from_cache(cached, request, charged, response_id=response_id, created=created)
     admission = await admit(model, num_seqs, charged)  # a 429 now, before the 200 of a stream
     if writer is not None:  # the stream releases the admission and settles the charge when it ends
         return AdmittedStream(_events(server, model, request, writer, response_id, prompts, params, charged),
@@ -130,10 +137,37 @@ async def _complete(http_request: Request, server: ServerState, request: ParsedR
         admission.release()
         await charged.settle()
     if request.endpoint is Endpoint.CHAT:
-        return chat_completion(finals[0], request=request, response_id=response_id, created=created,
-                               model=model.name, token_text=token_text)
-    return text_completion(finals, request=request, prompt_texts=prompt_texts, response_id=response_id,
-                           created=created, model=model.name, token_text=token_text)
+        response = chat_completion(finals[0], request=request, response_id=response_id, created=created,
+                                   model=model.name, token_text=token_text)
+    else:
+        response = text_completion(finals, request=request, prompt_texts=prompt_texts, response_id=response_id,
+                                   created=created, model=model.name, token_text=token_text)
+    if cache_key is not None:
+        await server.response_cache.put(cache_key, msgspec.json.encode(response))
+    return response
+
+
+def _cache_key(server: ServerState, model: ServedModel, request: ParsedRequest, params, meter,
+               body: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """The response cache's key for a request whose response would come out the same again (not
+    streamed; every choice greedy or seeded), else None (serving.response_cache)."""
+    if server.response_cache is None or request.stream or not all(p.is_greedy or p.seed is not None
+                                                                   for p in params):
+        return None
+    return ResponseCache.key(model=model.name, loaded_at=model.created, route=request.endpoint.value,
+                             precision=meter.precision, body=body)
+
+
+async def _from_cache(cached: bytes, request: ParsedRequest, charged: Charge, *, response_id: str,
+                      created: int) -> ChatCompletion | Completion:
+    """A stored response under a fresh id; it costs its caller a request and no tokens."""
+    kind = ChatCompletion if request.endpoint is Endpoint.CHAT else Completion
+    response = msgspec.structs.replace(msgspec.json.decode(cached, type=kind), id=response_id, created=created)
+    usage = response.usage
+    charged.meter.from_cache(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                             finish_reason=response.choices[0].finish_reason if response.choices else None)
+    await charged.settle(is_free=True)
+    return response
 
 
 async def _events(server: ServerState, model: ServedModel, request: ParsedRequest, writer: ChunkWriter,

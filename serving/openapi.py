@@ -84,6 +84,9 @@ def finish(document: dict[str, Any], *, is_auth_on: bool) -> dict[str, Any]:
                     headers.update(_RATE_LIMITS)
             if path in STREAMED_PATHS:
                 _streamed(operation["responses"]["200"])
+            if path in ("/v1/chat/completions", "/v1/completions"):
+                operation["responses"]["200"]["headers"]["x-balansis-cache"] = _header(
+                    "hit or miss, for a request the response cache (--response-cache) may answer")
             if path in ("/health", "/ready"):
                 ok = operation["responses"]["200"]
                 operation["responses"]["503"] = {**ok, "description": "Unhealthy, or not ready (the body says why)"}

@@ -83,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None,
                         help="keep the rate limits' budgets in Redis (redis://HOST:6379/0), shared by every "
                              "replica that names it (default: $BALANSIS_REDIS_URL, else this process's memory)")
+    parser.add_argument("--response-cache", action="store_true",
+                        help="answer repeated deterministic requests (not streamed; greedy or seeded) from a cache "
+                             "of whole responses: in Redis with --redis-url, else in memory (default: off)")
+    parser.add_argument("--response-cache-ttl", type=float, default=_DEFAULTS.response_cache_ttl,
+                        help="seconds a cached response is kept (default: %(default)s)")
     limits = parser.add_argument_group("what one request may ask for")
     limits.add_argument("--max-body-size", type=_size, default=_DEFAULTS.max_body_bytes,
                         help="largest request body, e.g. 16MiB (default: 16MiB); more is a 413")
@@ -140,7 +145,8 @@ def serve_command(args: argparse.Namespace) -> int:
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
                          redis_url=args.redis_url or os.environ.get("BALANSIS_REDIS_URL") or None,
                          jwt=jwt, allowed_origins=tuple(args.allowed_origins), log_requests=not args.no_access_log,
-                         log_prompts=args.log_prompts,
+                         log_prompts=args.log_prompts, response_cache=args.response_cache,
+                         response_cache_ttl=args.response_cache_ttl,
                          allowed_precisions=tuple(args.allowed_precision or PRECISION_LEVELS),
                          max_auth_failures_per_minute=args.max_auth_failures_per_minute or None,
                          max_queue=args.max_queue, drain_timeout=args.drain_timeout,

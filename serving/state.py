@@ -43,6 +43,7 @@ from serving.rate_limits import RateLimiter, ledger_for
 from serving.usage import UsageMeter
 from serving.usage_store import UsageStore
 from serving.request_limits import RequestLimits
+from serving.response_cache import ResponseCache
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger("balansis.serving")
@@ -57,6 +58,9 @@ class ServeConfig:
     require_auth: bool = False  # authenticate with the stored keys (serving.api_keys) too
     database_url: str | None = None  # the key store's (serving.database); None: the default SQLite file
     redis_url: str | None = None  # rate-limit budgets shared by replicas (serving.rate_limits); None: in memory
+    # Whole responses of deterministic requests (serving.response_cache), in Redis when redis_url is set.
+    response_cache: bool = False
+    response_cache_ttl: float = 3600.0
     jwt: JwtSettings = JwtSettings()  # bearer JWTs (serving.jwt_auth); off unless a key source is given
     # Precision levels requests may ask for (serving.auth.Principal.check_precision); a key narrows them.
     allowed_precisions: tuple[str, ...] = PRECISION_LEVELS
@@ -82,6 +86,8 @@ class ServeConfig:
         if not self.allowed_precisions or any(p not in PRECISION_LEVELS for p in self.allowed_precisions):
             raise ValueError(f"allowed_precisions must be some of {list(PRECISION_LEVELS)}, "
                              f"got {list(self.allowed_precisions)}")
+        if self.response_cache_ttl <= 0:
+            raise ValueError(f"response_cache_ttl must be positive, got {self.response_cache_ttl}")
         if self.max_auth_failures_per_minute is not None and self.max_auth_failures_per_minute < 1:
             raise ValueError(f"max_auth_failures_per_minute must be None or at least 1, "
                              f"got {self.max_auth_failures_per_minute}")
@@ -242,6 +248,8 @@ class ServerState:
         self.rate_limiter = RateLimiter(
             ledger_for(config.redis_url), on_refusal=lambda limit: self.metrics.rate_limited.labels(limit).inc(),
             on_unavailable=self.metrics.rate_limits_unavailable.inc)
+        self.response_cache = (ResponseCache(ttl_seconds=config.response_cache_ttl, redis_url=config.redis_url)
+                               if config.response_cache else None)
         self.authenticator = Authenticator(static_keys=config.api_keys, store=self.key_store,
                                            required=config.require_auth,
                                            jwt=JwtVerifier(config.jwt) if config.jwt.is_on else None)
@@ -268,6 +276,8 @@ class ServerState:
 
     async def close_connections(self) -> None:
         await self.rate_limiter.close()
+        if self.response_cache is not None:
+            await self.response_cache.close()
         if self.usage_store is not None:  # what is queued is written first
             await anyio.to_thread.run_sync(self.usage_store.close)
 

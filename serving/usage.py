@@ -46,6 +46,7 @@ class UsageMeter:
         self.prompt = prompt
         self._outputs: dict[int, RequestOutput] = {}  # prompt index → its latest output
         self._embedded_tokens: int | None = None
+        self._cached: tuple[int, int, str | None] | None = None  # a response cache hit's usage
         self._first_token_at: float | None = None
         self.has_failed = False  # an error reported inside a stream already started
 
@@ -54,18 +55,26 @@ class UsageMeter:
         if self._first_token_at is None and any(c.token_ids for c in output.outputs):
             self._first_token_at = time.time()
 
+    def from_cache(self, *, prompt_tokens: int, completion_tokens: int, finish_reason: str | None) -> None:
+        """The request was answered from the response cache: the stored response's usage."""
+        self._cached = (prompt_tokens, completion_tokens, finish_reason)
+
     def embedded(self, num_tokens: int) -> None:
         """An embeddings request's vectors came: its input tokens are used."""
         self._embedded_tokens = num_tokens
 
     @property
     def prompt_tokens(self) -> int:
+        if self._cached is not None:
+            return self._cached[0]
         if self._embedded_tokens is not None:
             return self._embedded_tokens
         return sum(len(o.prompt_ids) for o in self._outputs.values())
 
     @property
     def completion_tokens(self) -> int:
+        if self._cached is not None:
+            return self._cached[1]
         if self._is_prompt_only:
             return 0
         return sum(len(c.token_ids) for o in self._outputs.values() for c in o.outputs)
@@ -76,13 +85,15 @@ class UsageMeter:
 
     @property
     def is_finished(self) -> bool:
-        if self._embedded_tokens is not None:
+        if self._embedded_tokens is not None or self._cached is not None:
             return True
         return len(self._outputs) == self._num_prompts and all(o.finished for o in self._outputs.values())
 
     @property
     def finish_reason(self) -> str | None:
         """The first prompt's first choice's (as request_success_total counts a request)."""
+        if self._cached is not None:
+            return self._cached[2]
         first = self._outputs.get(0)
         return first.outputs[0].finish_reason if first is not None and first.outputs else None
 

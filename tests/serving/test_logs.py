@@ -16,7 +16,6 @@ import pytest
 from serving.api_keys import KeyStore
 from serving import database
 from tests.serving.conftest import MODEL, free_port, wait_until_ready
-from tests.serving.test_lifecycle import tiny_model_dir  # noqa: F401 (a fixture)
 
 
 def test_every_line_is_json_and_carries_no_secret(tiny_model_dir, tmp_path):  # noqa: F811
