@@ -108,9 +108,9 @@ def table(result: dict) -> str:
              "ULTRA tokens meanwhile |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["scenarios"].items():
         ultra = "—" if r["ultra_tokens_meanwhile"] is None else str(r["ultra_tokens_meanwhile"])
-        lines.append(f"| {name} | {r['ttft_ms']:.0f} | {r['itl_mean_ms']:.1f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
-                     f"{r['itl_max_ms']:.1f} | {r['itl_mean_vs_alone']:.2f}× | {r['itl_p50_vs_alone']:.2f}× | "
-                     f"{ultra} |")
+        lines.append(f"| {name} | {r['ttft_ms']:.0f} | {r['itl_mean_ms']:.1f} | {r['itl_p50_ms']:.1f} | "
+                     f"{r['itl_p99_ms']:.1f} | {r['itl_max_ms']:.1f} | {r['itl_mean_vs_alone']:.2f}× | "
+                     f"{r['itl_p50_vs_alone']:.2f}× | {ultra} |")
     return "\n".join(lines)
 
 

@@ -190,7 +190,8 @@ def guard_cost(iterations: int = 5000) -> dict:
     from serving import database
     from serving.api_keys import KeyStore, Tier
     from serving.auth import Authenticator
-    from serving.rate_limits import MemoryLedger, RateLimiter
+    from serving.memory_rate_limits import MemoryLedger
+    from serving.rate_limits import RateLimiter
 
     with tempfile.TemporaryDirectory() as folder:
         store = KeyStore(database.connect(f"sqlite:///{folder}/keys.db"))
@@ -216,7 +217,8 @@ def guard_cost(iterations: int = 5000) -> dict:
 
 def table(runs: list[dict]) -> str:
     lines = ["| run | requests | done | left | rate-limited | lost | TTFT p50 / p99 ms | e2e p50 / p99 ms | "
-             "RSS start → end MiB | running, KV after | usage rows missing |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "RSS start → end MiB | running, KV after | usage rows missing |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         o = r["outcomes"]
         lines.append(

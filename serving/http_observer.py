@@ -89,7 +89,8 @@ class HttpObserver:
             self._metrics.http_requests.labels(method, route, str(status)).inc()
             self._metrics.http_duration.labels(method, route).observe(seconds)
             principal = scope["state"].get("principal")
-            if self._record_usage is not None and route in METERED_ROUTES and (principal is not None or not self._is_auth_on):
+            is_known = principal is not None or not self._is_auth_on
+            if self._record_usage is not None and route in METERED_ROUTES and is_known:
                 self._record_usage(usage_row(
                     request_id=request_id, endpoint=route, http_status=status, created_at=arrived, seconds=seconds,
                     user_id=None if principal is None else principal.user_id,

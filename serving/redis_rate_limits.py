@@ -1,6 +1,6 @@
 """Budgets in Redis (`--redis-url`), so replicas behind one load balancer share them.
 
-The same steps as `rate_limits._State`, as Lua scripts that Redis runs
+The same steps as `memory_rate_limits._State`, as Lua scripts that Redis runs
 atomically: a reservation checks and takes from every limit at once, or
 takes nothing. Time is Redis's own (`TIME`), so replicas with drifting
 clocks still agree. One hash per budget holds the two buckets and the day's

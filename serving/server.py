@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CORS: browser origins that may call the API, e.g. https://app.example.com "
                              "('*': any; default: none)")
     parser.add_argument("--database-url", default=None,
-                        help="the database of stored keys and usage records: sqlite:///PATH or postgresql://… (default: "
-                             "$BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
+                        help="the database of stored keys and usage records: sqlite:///PATH or postgresql://… "
+                             "(default: $BALANSIS_DATABASE_URL, else ~/.local/share/balansis/balansis.db)")
     parser.add_argument("--allowed-precision", nargs="+", choices=PRECISION_LEVELS, default=None,
                         metavar="LEVEL",
                         help="the precision levels requests may ask for (standard, high, ultra); others get a "

@@ -49,7 +49,6 @@ from serving.metrics import ServingMetrics
 log = logging.getLogger("balansis.serving")
 
 
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServeConfig:
     """Server settings; `balansis serve` flags map onto these one to one."""
@@ -176,6 +175,10 @@ class ServedModel:
         (LLMEngine.check_request, .info); requests go through `ready_engine`."""
         return self.ready_engine().engine
 
+    def precision_of(self, params: SamplingParams) -> str:
+        """The level a request with `params` runs at: its own, else the engine's default."""
+        return Precision(params.precision).value if params.precision is not None else self.engine_core.config.precision
+
     def ready_embedder(self) -> AsyncEmbedder:
         self._check_loaded()
         return self.embedder
@@ -291,8 +294,7 @@ class ServerState:
     def check_precision(self, request, model: "ServedModel", params: SamplingParams, *, param: str) -> None:
         """A 403 unless the level `params` runs at (the model's default when unset) is one this server
         and the caller's key allow (`param`: the body field that names it)."""
-        level = (Precision(params.precision).value if params.precision is not None
-                 else model.engine_core.config.precision)
+        level = model.precision_of(params)
         if level not in self.config.allowed_precisions:
             allowed = ", ".join(self.config.allowed_precisions)
             raise RequestError(f"this server does not run the {level!r} precision level (it allows {allowed})",
@@ -304,10 +306,7 @@ class ServerState:
               prompt: Callable[[], object] | None = None) -> UsageMeter:
         """A usage meter for a request to `model` (serving.usage); `prompt()` gives what the request asked
         (a string or JSON-able value), called only with --log-prompts."""
-        precision = None
-        if params is not None:
-            precision = (Precision(params.precision).value if params.precision is not None
-                         else model.engine_core.config.precision)
+        precision = None if params is None else model.precision_of(params)
         text = None
         if self.config.log_prompts and prompt is not None:
             value = prompt()

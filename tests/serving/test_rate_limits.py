@@ -11,7 +11,8 @@ import uuid
 import pytest
 
 from serving.errors import RequestError
-from serving.rate_limits import Budget, Limits, MemoryLedger, RateLimiter, duration
+from serving.memory_rate_limits import MemoryLedger
+from serving.rate_limits import Budget, Limits, RateLimiter, duration
 
 
 class Ledgers:
