@@ -151,13 +151,13 @@ async def _tracked(engine: AsyncEngine, metrics: ServingMetrics, model: str, req
 
 
 async def stream_requests(model: ServedModel, metrics: ServingMetrics, request_id: str,
-                          prompts: Sequence[list[int]], params: Sequence[SamplingParams], charge: Charge
+                          prompts: Sequence[list[int]], params: Sequence[SamplingParams], meter: UsageMeter
                           ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of one engine request per prompt, as they come, tagged with the prompt's index; the
-    charge sees every one."""
+    request's usage meter sees every one."""
     async with contextlib.aclosing(_merged(model, metrics, request_id, prompts, params)) as outputs:
         async for index, output in outputs:
-            charge.meter.observe(index, output)
+            meter.observe(index, output)
             yield index, output
 
 
@@ -204,11 +204,11 @@ async def _merged(model: ServedModel, metrics: ServingMetrics, request_id: str,
 
 
 async def final_outputs(model: ServedModel, metrics: ServingMetrics, request_id: str,
-                        prompts: Sequence[list[int]], params: Sequence[SamplingParams], charge: Charge
+                        prompts: Sequence[list[int]], params: Sequence[SamplingParams], meter: UsageMeter
                         ) -> list[RequestOutput]:
     """Each prompt's finished output, in prompt order."""
     finals: list[RequestOutput | None] = [None] * len(prompts)
-    stream = stream_requests(model, metrics, request_id, prompts, params, charge)
+    stream = stream_requests(model, metrics, request_id, prompts, params, meter)
     try:
         async for index, output in stream:
             finals[index] = output

@@ -132,7 +132,7 @@ async def _complete(http_request: Request, server: ServerState, request: ParsedR
                               admission=admission, charge=charged)
     try:
         finals = await unless_disconnected(
-            http_request, final_outputs(model, server.metrics, response_id, prompts, params, charged))
+            http_request, final_outputs(model, server.metrics, response_id, prompts, params, charged.meter))
     finally:
         admission.release()
         await charged.settle()
@@ -180,7 +180,7 @@ async def _events(server: ServerState, model: ServedModel, request: ParsedReques
     finals = [None] * len(prompts)
     encode = msgspec.json.encode
     try:
-        stream = stream_requests(model, server.metrics, response_id, prompts, params, charged)
+        stream = stream_requests(model, server.metrics, response_id, prompts, params, charged.meter)
         try:
             async for index, output in stream:
                 finals[index] = output

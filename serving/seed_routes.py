@@ -148,7 +148,7 @@ async def _generate(request: Request, server: ServerState, model: ServedModel, p
     admission = await admit(model, 1, charged)
     try:
         finals = await unless_disconnected(request, final_outputs(
-            model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params], charged))
+            model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params], charged.meter))
     finally:
         admission.release()
         await charged.settle()
@@ -174,7 +174,7 @@ async def _chat_events(server: ServerState, model: ServedModel, prompt_ids: list
     sent = 0
     try:
         stream = stream_requests(model, server.metrics, f"seed-{uuid.uuid4().hex}", [prompt_ids], [params],
-                                 charged)
+                                 charged.meter)
         try:
             async for _, output in stream:
                 text = output.outputs[0].text
