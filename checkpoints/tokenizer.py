@@ -7,18 +7,17 @@ fast tokenizers. Nothing is fetched from a model hub: every load is
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import gguf
 import transformers
 
 from checkpoints.errors import CheckpointError
+from checkpoints.gguf_file import open_gguf
+from checkpoints.gguf_tokenizer import build_gguf_tokenizer, byte_alphabet
 
 
 class Tokenizer:
@@ -35,34 +34,15 @@ class Tokenizer:
         return cls(_load(str(folder)), source=str(folder))
 
     @classmethod
-    def from_gguf(cls, path: Path, *, cache_dir: Path | None = None) -> "Tokenizer":
-        """The tokenizer a GGUF file's metadata describes, as transformers builds it.
-
-        Building it reads the whole vocabulary out of the file and converts it
-        (SmolLM2's: ~5 s of a ~13 s load on 2 cores); the result is saved under
-        `cache_dir` (default: tokenizer_cache_dir()), keyed by the file's path, size
-        and modification time, and read back from there on later loads (~0.3 s).
-        An unwritable cache only costs the conversion.
-        """
-        cached = (cache_dir or tokenizer_cache_dir()) / _file_key(path)
-        if (cached / "tokenizer.json").is_file():
-            try:
-                return cls(_load(str(cached)), source=str(path))
-            except CheckpointError:
-                pass  # a damaged cache entry: convert again, below, and overwrite it
-        if importlib.util.find_spec("torch") is None:
-            # transformers' GGUF reader imports torch; say so instead of its riddle.
-            raise CheckpointError(f"{path}: reading a GGUF tokenizer needs PyTorch (the CPU build is "
-                                  f"enough): pip install 'balansis[gguf]'")
-        tokenizer = cls(_load(str(path.parent), gguf_file=path.name), source=str(path))
-        partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
-        try:
-            tokenizer.save(partial)
-            shutil.rmtree(cached, ignore_errors=True)
-            partial.rename(cached)  # whole or not at all, when several processes start at once
-        except Exception:  # noqa: BLE001 — a cache that cannot be written never fails the load
-            shutil.rmtree(partial, ignore_errors=True)
-        return tokenizer
+    def from_gguf(cls, path: Path, *, reader: gguf.GGUFReader | None = None) -> "Tokenizer":
+        """The tokenizer a GGUF file's metadata describes (checkpoints.gguf_tokenizer), read
+        through `reader` when the file is open already."""
+        built = build_gguf_tokenizer(reader or open_gguf(path), source=str(path))
+        hf = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=built.backend, bos_token=built.bos_token, eos_token=built.eos_token,
+            unk_token=built.unk_token, pad_token=built.pad_token, chat_template=built.chat_template,
+            clean_up_tokenization_spaces=False)
+        return cls(hf, source=str(path))
 
     def save(self, folder: Path) -> None:
         """Write the tokenizer, its special tokens and chat template into `folder`, in HF's
@@ -148,29 +128,8 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 @functools.cache
 def _byte_level_decoding() -> dict[str, int]:
-    """Character → byte of the byte-level BPE alphabet (GPT-2's): printable
-    Latin-1 bytes stand for themselves, the other 68 bytes for 256, 257, …"""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {chr(b): b for b in printable}
-    shifted = 256
-    for b in range(256):
-        if b not in printable:
-            table[chr(shifted)] = b
-            shifted += 1
-    return table
-
-
-def tokenizer_cache_dir() -> Path:
-    """Where tokenizers converted from GGUF files are kept: $XDG_CACHE_HOME/balansis/tokenizers."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "balansis" / "tokenizers"
-
-
-def _file_key(path: Path) -> str:
-    """A name for one version of one file: its resolved path, size and modification time."""
-    stat = path.stat()
-    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return f"{path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    """Character → byte of the byte-level BPE alphabet."""
+    return {char: byte for byte, char in byte_alphabet().items()}
 
 
 def _load(location: str, **kwargs):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import tokenizers
 
 from checkpoints.errors import CheckpointError
 from checkpoints.tokenizer import Tokenizer
+from tests.gguf_tokenizers import write_byte_level_gguf, write_sentencepiece_gguf
+from tests.gguf_writer import write_tiny_llama_gguf
 
 
 @pytest.fixture(scope="module")
@@ -40,37 +45,88 @@ def test_gguf_tokenizer_and_chat_template(smollm2):
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
-TEXTS = ["Hello world", "", "naïve café 🎉\t  spaces   and 1234567 numbers", "<|im_start|>user\nHi<|im_end|>"]
+TEXTS = ["Hello world", "", " leading space", "naïve café 🎉\t  spaces   and 1234567 numbers, a 123 b1 x 12.5%",
+         "<|im_start|>user\nHi<|im_end|>", "I'm sure WE'LL see\n\n\n  code:\n    def f(x):\n\treturn x**2",
+         "日本語のテキスト、中文。 Ελληνικά русский", "<think>reasoning</think> done <s> </s>", "  two  spaces  "]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
 
 
-def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(smollm2_path, tmp_path):
-    """The conversion from GGUF metadata is saved, and the saved one encodes, decodes, renders
-    chats and spells token bytes exactly as the conversion does."""
-    converted = Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path)
-    (entry,) = tmp_path.iterdir()
-    assert (entry / "tokenizer.json").is_file()
-    stamp = (entry / "tokenizer.json").stat().st_mtime_ns
-    cached = Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path)
-    assert (entry / "tokenizer.json").stat().st_mtime_ns == stamp  # read, not written again
+def hf_gguf_tokenizer(path: Path) -> Tokenizer:
+    """Reference: transformers' own GGUF tokenizer reader (which imports torch), in our wrapper."""
+    import transformers
+    return Tokenizer(transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                local_files_only=True), source=str(path))
+
+
+def assert_same_tokenizer(ours: Tokenizer, reference: Tokenizer, *, vocab_size: int) -> None:
     for text in TEXTS:
-        assert cached.encode(text) == converted.encode(text)
-        assert cached.encode(text, add_special_tokens=False) == converted.encode(text, add_special_tokens=False)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert cached.encode_chat(messages) == converted.encode_chat(messages)
-    assert cached.chat_template == converted.chat_template
-    assert (cached.bos_token_id, cached.eos_token_id) == (converted.bos_token_id, converted.eos_token_id)
-    ids = range(0, 49152, 101)
-    assert [cached.token_bytes(i) for i in ids] == [converted.token_bytes(i) for i in ids]
-    assert cached.decode(list(ids), skip_special_tokens=False) == converted.decode(list(ids), skip_special_tokens=False)
+        assert ours.encode(text) == reference.encode(text), text
+        assert ours.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False), text
+        ids = ours.encode(text)
+        assert ours.decode(ids) == reference.decode(ids), text
+        assert ours.decode(ids, skip_special_tokens=False) == reference.decode(ids, skip_special_tokens=False)
+    assert (ours.bos_token_id, ours.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert ours.chat_template == reference.chat_template
+    assert ours.encode_chat(MESSAGES) == reference.encode_chat(MESSAGES)
+    every_id = list(range(vocab_size))
+    assert [ours.token_bytes(i) for i in every_id] == [reference.token_bytes(i) for i in every_id]
+    assert ([ours.decode([i], skip_special_tokens=False) for i in every_id]
+            == [reference.decode([i], skip_special_tokens=False) for i in every_id])
 
 
-def test_a_damaged_tokenizer_cache_entry_is_converted_again(smollm2_path, tmp_path):
-    reference = Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path)
-    (entry,) = tmp_path.iterdir()
-    (entry / "tokenizer.json").write_text("{not json")
-    again = Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path)
-    assert again.encode(TEXTS[2]) == reference.encode(TEXTS[2])
-    assert Tokenizer.from_gguf(smollm2_path, cache_dir=tmp_path).encode(TEXTS[2]) == reference.encode(TEXTS[2])
+def test_the_default_models_gguf_tokenizer_matches_transformers(smollm2_path):
+    """SmolLM2's byte-level BPE (`pre` smollm), built from the metadata with `tokenizers` alone."""
+    assert_same_tokenizer(Tokenizer.from_gguf(smollm2_path), hf_gguf_tokenizer(smollm2_path), vocab_size=49152)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "default"])
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_a_byte_level_gguf_tokenizer_matches_transformers(tmp_path, pre, add_bos):
+    path = write_byte_level_gguf(tmp_path / "tok.gguf", pre=pre, add_bos=add_bos)
+    ours = Tokenizer.from_gguf(path)
+    assert_same_tokenizer(ours, hf_gguf_tokenizer(path), vocab_size=600)
+    assert (ours.encode("Hi")[0] == ours.bos_token_id) is add_bos
+
+
+@pytest.mark.parametrize("with_merges", [True, False], ids=["merges-stored", "merges-from-scores"])
+def test_a_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path, with_merges):
+    path = write_sentencepiece_gguf(tmp_path / "tok.gguf", with_merges=with_merges)
+    ours = Tokenizer.from_gguf(path)
+    assert_same_tokenizer(ours, hf_gguf_tokenizer(path), vocab_size=700)
+    ids = ours.encode("hi é€")
+    assert ids[0] == 1  # <s>: add_bos_token
+    assert b"".join(ours.token_bytes(i) for i in ids[1:]) == " hi é€".encode()  # byte fallback for €
+
+
+def test_a_gguf_file_without_a_tokenizer(tmp_path):
+    path = write_tiny_llama_gguf(tmp_path / "weights-only.gguf")
+    with pytest.raises(CheckpointError, match="has no tokenizer"):
+        Tokenizer.from_gguf(path)
+
+
+def test_an_unsupported_gguf_tokenizer_kind(tmp_path):
+    writer = gguf.GGUFWriter(tmp_path / "bert.gguf", "bert")
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(["[PAD]", "[UNK]", "hello"])
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(CheckpointError, match="'bert' is not supported"):
+        Tokenizer.from_gguf(tmp_path / "bert.gguf")
+
+
+def test_serving_the_default_model_imports_no_torch():
+    """torch is a test dependency only: loading the default model (weights and GGUF tokenizer)
+    and building the server's app import neither it nor anything that needs it."""
+    code = ("import sys\n"
+            "from checkpoints.loader import load_model\n"
+            "loaded = load_model()\n"
+            "assert loaded.tokenizer.encode('Hello world') == [19556, 905]\n"
+            "import serving.cli, serving.app, serving.server\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_folder_without_tokenizer(tmp_path):
@@ -114,10 +170,3 @@ def test_token_bytes_of_a_sentencepiece_style_tokenizer(tmp_path):
     ids = tokenizer.encode("hi é", add_special_tokens=False)
     assert ids == [263, 259, 3 + 0xC3, 3 + 0xA9]
     assert [tokenizer.token_bytes(i) for i in ids] == [b" hi", b" ", b"\xc3", b"\xa9"]
-
-
-def test_an_unwritable_tokenizer_cache_only_costs_the_conversion(smollm2_path, tmp_path):
-    blocked = tmp_path / "a-file"
-    blocked.write_text("not a folder")
-    tokenizer = Tokenizer.from_gguf(smollm2_path, cache_dir=blocked / "cache")
-    assert tokenizer.encode("Hello world") == [19556, 905]
