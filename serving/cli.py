@@ -5,6 +5,9 @@
     balansis convert | inspect      (checkpoints)
     balansis keys | db              (serving: API keys in the store, its schema)
 
+Every flag can also come from the environment: `--max-num-seqs` from
+BALANSIS_MAX_NUM_SEQS (serving.environment_flags).
+
 Each layer defines its own subcommands (flags and handler) next to the code
 they call, the flags mapping one to one onto its parameters; this top floor
 only assembles them, so no lower layer imports upward to reach a command.
@@ -19,6 +22,7 @@ import sys
 from checkpoints import commands as checkpoint_commands
 from engine import generate
 from serving import batch_jobs, keys_command, server
+from serving.environment_flags import with_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        argv = with_environment(parser, sys.argv[1:] if argv is None else argv, os.environ)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
     # Never contact a model hub: every file is local.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from checkpoints.errors import CheckpointError

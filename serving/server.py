@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import time
 
 import jax
@@ -137,13 +136,12 @@ def _size(text: str) -> int:
 def serve_command(args: argparse.Namespace) -> int:
     if jax.process_index() != 0:
         return _follow(args)
-    keys = args.api_key if args.api_key is not None else (
-        [os.environ["BALANSIS_API_KEY"]] if os.environ.get("BALANSIS_API_KEY") else [])
-    jwt = JwtSettings(secret=args.jwt_secret or os.environ.get("BALANSIS_JWT_SECRET") or None,
+    keys = args.api_key or []  # BALANSIS_API_KEY and the other variables arrive as flags (environment_flags)
+    jwt = JwtSettings(secret=args.jwt_secret or None,
                       public_key_file=args.jwt_public_key, jwks_url=args.jwt_jwks_url, issuer=args.jwt_issuer,
                       audience=args.jwt_audience)
     config = ServeConfig(api_keys=tuple(keys), require_auth=args.require_auth, database_url=args.database_url,
-                         redis_url=args.redis_url or os.environ.get("BALANSIS_REDIS_URL") or None,
+                         redis_url=args.redis_url or None,
                          jwt=jwt, allowed_origins=tuple(args.allowed_origins), log_requests=not args.no_access_log,
                          log_prompts=args.log_prompts, response_cache=args.response_cache,
                          response_cache_ttl=args.response_cache_ttl,
