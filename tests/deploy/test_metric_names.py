@@ -47,7 +47,8 @@ def recorded_names() -> set[str]:
 
 
 def autoscaler_expressions() -> list[str]:
-    """The HPA's metric names and KEDA's queries, from the chart rendered with each values file."""
+    """The HPA's metric names and KEDA's queries, from the chart rendered with each values file, and the
+    series the Prometheus adapter turns into the HPA's metric."""
     found = []
     for values in VALUES_FILES:
         for obj in rendered_objects(values):
@@ -56,6 +57,8 @@ def autoscaler_expressions() -> list[str]:
                           if m["type"] in ("Pods", "Object", "External")]
             elif obj["kind"] == "ScaledObject":
                 found += [t["metadata"]["query"] for t in obj["spec"]["triggers"] if t["type"] == "prometheus"]
+    adapter = yaml.safe_load((DEPLOY / "helm" / "prometheus-adapter-values.yaml").read_text())
+    found += [rule["seriesQuery"] for rule in adapter["rules"]["custom"]]  # what the HPA's metric reads
     return found
 
 
