@@ -75,6 +75,10 @@ class StepOutput:
     is_stable: bool | None = None  # the sampled token's decision margin beat twice its rounding bound
 
 
+# The log-prob reported for a token a grammar forbids (OpenAI's value for impossible tokens):
+# JSON has no -inf.
+IMPOSSIBLE_LOGPROB = -9999.0
+
 class BatchRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
@@ -108,6 +112,9 @@ class BatchRunner:
         self._sliced_step = None
         self._compiled: dict = {}  # (layout, with prompt logprobs, precision) → what `warmup` compiled ahead
         self.last_step_seconds: dict[Precision, float] = {}  # the latest step's wall time per level
+        # Constrained decoding's masks (engine.grammar.GrammarCompiler): the engine sets it on its
+        # first constrained request.
+        self.grammars = None
         self._channel = distributed.CallChannel() if distributed.is_multi_process() else None
         if self._channel is not None and self._channel.is_leader:
             atexit.register(self.close)  # however process 0 ends, the others' `follow` returns
@@ -200,8 +207,12 @@ class BatchRunner:
             table = block_tables[chunk.seq.seq_id]
             tables[row, :len(table)] = table
 
-        arrays = pack_sampling([self._sampling_row(c) for c in chunks],
-                               vocab_size=self.config.vocab_size, batch_size=self._sampler_rows(b))
+        sampler_rows = self._sampler_rows(b)
+        # Rows about to sample under a grammar get its mask; the others stay all ones.
+        matchers = [(c.seq.grammar, row) for row, c in enumerate(chunks) if c.samples and c.seq.grammar is not None]
+        allowed_bw = self.grammars.fill_masks(matchers, sampler_rows) if matchers else None
+        arrays = pack_sampling([self._sampling_row(c) for c in chunks], vocab_size=self.config.vocab_size,
+                               batch_size=sampler_rows, allowed_bw=allowed_bw)
         wants_logprobs = any(c.seq.params.logprobs is not None for c in chunks)
         wants_prompt_logprobs = not is_decode and any(
             c.seq.params.prompt_logprobs is not None for c in chunks)
@@ -280,8 +291,9 @@ class BatchRunner:
                 is_stable = bool(sample.margin_b[row] > 2 * sample.error_bound_b[row])
                 if params.logprobs is not None:
                     k = params.logprobs
+                    # A grammar's masked tokens have -inf: reported as OpenAI reports impossible tokens.
                     logprobs = TokenLogprobs(token, float(sample.logprob_b[row]), tuple(
-                        (int(i), float(lp)) for i, lp in
+                        (int(i), max(float(lp), IMPOSSIBLE_LOGPROB)) for i, lp in
                         zip(sample.top_ids_bk[row, :k], sample.top_logprobs_bk[row, :k])))
             if prompt is not None and params.prompt_logprobs is not None:
                 next_lp, top_ids, top_lps = prompt
