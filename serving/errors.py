@@ -60,10 +60,11 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def rejected(error: RequestRejected, *, prompt_param: str, max_tokens_param: str = "max_tokens") -> RequestError:
+def rejected(error: RequestRejected, *, prompt_param: str, max_tokens_param: str = "max_tokens",
+             constraint_param: str = "response_format") -> RequestError:
     """The 400 for a request the engine (or an embedder) refused, naming the caller's parameter."""
-    param = {RejectedField.PROMPT: prompt_param, RejectedField.MAX_TOKENS: max_tokens_param}.get(
-        error.field, error.field.value)
+    param = {RejectedField.PROMPT: prompt_param, RejectedField.MAX_TOKENS: max_tokens_param,
+             RejectedField.CONSTRAINT: constraint_param}.get(error.field, error.field.value)
     return RequestError(str(error), param=param,
                         code="context_length_exceeded" if error.is_context_length else "invalid_value")
 

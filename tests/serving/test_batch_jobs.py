@@ -188,7 +188,8 @@ def test_bad_requests_get_error_lines_naming_the_parameter(llm, tmp_path):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     lines = [
         _line("tools", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "/v1/chat/completions"),
-        _line("json", {**chat, "response_format": {"type": "json_object"}}, "/v1/chat/completions"),
+        _line("json", {**chat, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "if": {}, "then": {}}}}}, "/v1/chat/completions"),
         _line("stream", {**chat, "stream": True}, "/v1/chat/completions"),
         _line("image", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
               "/v1/chat/completions"),
@@ -208,7 +209,7 @@ def test_bad_requests_get_error_lines_naming_the_parameter(llm, tmp_path):
     by_line = {r["error"]["line"]: r for r in records if r["error"]}
     expected = {  # line: (custom_id, code, param, has a 400 response)
         1: ("tools", "unsupported_parameter", "tools", True),
-        2: ("json", "unsupported_parameter", "response_format", True),
+        2: ("json", "invalid_value", "response_format", True),
         3: ("stream", "unsupported_parameter", "stream", True),
         4: ("image", "unsupported_parameter", "messages[0].content", True),
         5: ("temp", "invalid_value", "temperature", True),
