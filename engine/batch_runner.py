@@ -75,10 +75,6 @@ class StepOutput:
     is_stable: bool | None = None  # the sampled token's decision margin beat twice its rounding bound
 
 
-# The log-prob reported for a token a grammar forbids (OpenAI's value for impossible tokens):
-# JSON has no -inf.
-IMPOSSIBLE_LOGPROB = -9999.0
-
 class BatchRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
@@ -291,9 +287,8 @@ class BatchRunner:
                 is_stable = bool(sample.margin_b[row] > 2 * sample.error_bound_b[row])
                 if params.logprobs is not None:
                     k = params.logprobs
-                    # A grammar's masked tokens have -inf: reported as OpenAI reports impossible tokens.
                     logprobs = TokenLogprobs(token, float(sample.logprob_b[row]), tuple(
-                        (int(i), max(float(lp), IMPOSSIBLE_LOGPROB)) for i, lp in
+                        (int(i), float(lp)) for i, lp in
                         zip(sample.top_ids_bk[row, :k], sample.top_logprobs_bk[row, :k])))
             if prompt is not None and params.prompt_logprobs is not None:
                 next_lp, top_ids, top_lps = prompt

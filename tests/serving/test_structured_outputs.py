@@ -107,3 +107,13 @@ def test_a_schema_the_library_rejects_is_a_clear_400(client):
             "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     error = info.value.body
     assert error["param"] == "response_format" and "dependentSchemas" in error["message"]
+
+
+def test_logprobs_are_the_constrained_distribution_s(client):
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=10,
+                                           extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    first = reply.choices[0].logprobs.content[0]
+    possible = [alt.logprob for alt in first.top_logprobs if alt.logprob > -9999.0]
+    assert abs(sum(2.718281828 ** lp for lp in possible) - 1) < 1e-3  # the allowed tokens hold all the mass
+    assert all(alt.logprob == -9999.0 for alt in first.top_logprobs[len(possible):])  # JSON has no -inf
