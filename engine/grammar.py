@@ -27,9 +27,8 @@ from engine.sampling import Constraint
 _JSON_OPTIONS = {"whitespace_flexible": False}
 
 
-@functools.lru_cache(maxsize=256)
 def grammar_text(constraint: Constraint) -> str:
-    """llguidance's grammar for `constraint` (cached: requests repeat their schemas)."""
+    """llguidance's grammar for `constraint`."""
     kind, value = constraint.kind, constraint.value
     if kind == "json_schema":
         try:
@@ -60,17 +59,28 @@ class GrammarCompiler:
         # ~1 s for a 50k vocabulary: once per engine.
         self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_id)
         self._executor = llguidance.LLExecutor()
+        # A request is checked by the server and again as it is queued, and clients repeat their
+        # schemas: each distinct constraint is translated and validated once.
+        self._grammar_of = functools.lru_cache(maxsize=256)(grammar_text)
+        self._error_of = functools.lru_cache(maxsize=256)(self._validate)
 
     def check(self, constraint: Constraint) -> None:
         """ValueError naming what the grammar library cannot take (an unsupported schema keyword,
         a bad regex), so a request is refused rather than run unconstrained."""
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-            grammar_text(constraint), self._tokenizer)
-        if is_error:
-            raise ValueError(f"unsupported {constraint.kind.replace('_', ' ')}: {messages[0]}")
+        error = self._error_of(constraint)
+        if error is not None:
+            raise ValueError(error)
+
+    def _validate(self, constraint: Constraint) -> str | None:
+        try:
+            grammar = self._grammar_of(constraint)
+        except ValueError as e:
+            return str(e)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._tokenizer)
+        return f"unsupported {constraint.kind.replace('_', ' ')}: {messages[0]}" if is_error else None
 
     def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
-        return llguidance.LLMatcher(self._tokenizer, grammar_text(constraint), log_level=0)
+        return llguidance.LLMatcher(self._tokenizer, self._grammar_of(constraint), log_level=0)
 
     def fill_masks(self, matchers: list[tuple[llguidance.LLMatcher, int]], num_rows: int) -> np.ndarray:
         """`int32 [num_rows, ceil(V / 32)]`: row k is its matcher's mask, every other row all ones."""
