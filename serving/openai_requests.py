@@ -215,8 +215,8 @@ def _constraint(body: SamplingFields) -> tuple[Constraint | None, str]:
         given = {name: value for name in StructuredOutputs.__struct_fields__
                  if (value := getattr(outputs, name)) not in (None, False)}
         if len(given) != 1:
-            raise RequestError(f"structured_outputs takes exactly one of {', '.join(StructuredOutputs.__struct_fields__)}",
-                               param="structured_outputs")
+            kinds = ", ".join(StructuredOutputs.__struct_fields__)
+            raise RequestError(f"structured_outputs takes exactly one of {kinds}", param="structured_outputs")
         ((kind, value),) = given.items()
         if kind == "json":
             return Constraint("json_schema", json.dumps(value, sort_keys=True)), "structured_outputs"

@@ -32,7 +32,8 @@ SCHEMAS = {
         "color": {"$ref": "#/$defs/color"}, "size": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 9},
                                                                {"const": "big"}]}},
         "required": ["color", "size"], "additionalProperties": False},
-    "a patterned string": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}},
+    "a patterned string": {"type": "object",
+                           "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}},
                            "required": ["code"], "additionalProperties": False},
 }
 

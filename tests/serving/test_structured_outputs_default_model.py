@@ -19,9 +19,11 @@ from tests.serving.conftest import LiveServer
 NAME = "SmolLM2-135M-Instruct"
 SHORT = {"type": "string", "maxLength": 24}
 SCHEMAS = {
-    "person": {"type": "object", "properties": {"name": SHORT, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "person": {"type": "object",
+               "properties": {"name": SHORT, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
                "required": ["name", "age"], "additionalProperties": False},
-    "optional field": {"type": "object", "properties": {"city": SHORT, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+    "optional field": {"type": "object",
+                       "properties": {"city": SHORT, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
                        "required": ["city"], "additionalProperties": False},
     "enum": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
              "additionalProperties": False},
