@@ -57,14 +57,6 @@ class Tokenizer:
     def eos_token_id(self) -> int | None:
         return self._hf.eos_token_id
 
-    def backend_json(self) -> str:
-        """The fast tokenizer as `tokenizer.json` text (what grammar libraries read), without
-        padding or truncation."""
-        backend = self._hf.backend_tokenizer
-        state = json.loads(backend.to_str())
-        state["padding"] = state["truncation"] = None
-        return json.dumps(state)
-
     @property
     def chat_template(self) -> str | None:
         return self._hf.chat_template

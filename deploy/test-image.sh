@@ -71,7 +71,7 @@ log "built in $(($(date +%s) - started)) s: $(numfmt --to=iec "$size") ($size by
 ((size < MAX_BYTES)) || { log "the CPU image is over 2 GB"; exit 1; }
 
 log "no torch in the image"
-"${PODMAN[@]}" run --rm --no-healthcheck "${ULIMITS[@]}" --network host --entrypoint python3 "$IMAGE" -c \
+"${PODMAN[@]}" run --rm "${ULIMITS[@]}" --network host --entrypoint python3 "$IMAGE" -c \
   "import importlib.util, sys; sys.exit('torch is installed' if importlib.util.find_spec('torch') else 0)"
 
 trap cleanup EXIT

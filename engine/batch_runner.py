@@ -108,9 +108,6 @@ class BatchRunner:
         self._sliced_step = None
         self._compiled: dict = {}  # (layout, with prompt logprobs, precision) → what `warmup` compiled ahead
         self.last_step_seconds: dict[Precision, float] = {}  # the latest step's wall time per level
-        # Constrained decoding's masks (engine.grammar.GrammarCompiler): the engine sets it on its
-        # first constrained request.
-        self.grammars = None
         self._channel = distributed.CallChannel() if distributed.is_multi_process() else None
         if self._channel is not None and self._channel.is_leader:
             atexit.register(self.close)  # however process 0 ends, the others' `follow` returns
@@ -203,12 +200,8 @@ class BatchRunner:
             table = block_tables[chunk.seq.seq_id]
             tables[row, :len(table)] = table
 
-        sampler_rows = self._sampler_rows(b)
-        # Rows about to sample under a grammar get its mask; the others stay all ones.
-        matchers = [(c.seq.grammar, row) for row, c in enumerate(chunks) if c.samples and c.seq.grammar is not None]
-        allowed_bw = self.grammars.fill_masks(matchers, sampler_rows) if matchers else None
-        arrays = pack_sampling([self._sampling_row(c) for c in chunks], vocab_size=self.config.vocab_size,
-                               batch_size=sampler_rows, allowed_bw=allowed_bw)
+        arrays = pack_sampling([self._sampling_row(c) for c in chunks],
+                               vocab_size=self.config.vocab_size, batch_size=self._sampler_rows(b))
         wants_logprobs = any(c.seq.params.logprobs is not None for c in chunks)
         wants_prompt_logprobs = not is_decode and any(
             c.seq.params.prompt_logprobs is not None for c in chunks)

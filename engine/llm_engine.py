@@ -13,7 +13,6 @@ cache instead of computing them again.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 import time
 
@@ -26,7 +25,6 @@ from engine.batch_runner import BatchRunner
 from engine.block_manager import BlockManager
 from engine import memory
 from engine.compilation_cache import enable_compilation_cache
-from engine.grammar import GrammarCompiler
 from engine.precision_share import PrecisionShare
 from engine.outputs import (CompletionOutput, EngineStats, ModelInfo, RejectedField, RequestOutput,
                             RequestRejected, Stability)
@@ -195,8 +193,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(31)
         seqs = [Sequence(request_id=request_id, choice=i, prompt_ids=list(prompt_ids), params=params,
                          seed=seed, arrival_time=arrival_time,
-                         prompt_logprobs=[] if params.prompt_logprobs is not None and i == 0 else None,
-                         grammar=None if params.constraint is None else self.grammars.matcher(params.constraint))
+                         prompt_logprobs=[] if params.prompt_logprobs is not None and i == 0 else None)
                 for i in range(params.n)]
         texts = {s.seq_id: TextOutput(self.tokenizer, s.prompt_ids, params) for s in seqs}
         self._requests[request_id] = _Request(request_id, list(prompt_ids), params, arrival_time,
@@ -233,19 +230,6 @@ class LLMEngine:
             raise RequestRejected(f"the request needs more KV cache than the whole pool "
                                   f"({self.num_blocks * self.config.block_size} tokens)",
                                   field=RejectedField.PROMPT)
-        if params.constraint is not None:
-            try:
-                self.grammars.check(params.constraint)
-            except ValueError as e:
-                raise RequestRejected(str(e), field=RejectedField.CONSTRAINT) from None
-
-    @functools.cached_property
-    def grammars(self) -> GrammarCompiler:
-        """Constrained decoding's matchers for this model's tokenizer (built on first use: ~0.5 s)."""
-        compiler = GrammarCompiler(self.tokenizer.backend_json(), vocab_size=self.loaded.config.vocab_size,
-                                   eos_token_id=self.eos_token_id)
-        self.runner.grammars = compiler
-        return compiler
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its KV blocks are freed at once."""
@@ -336,12 +320,7 @@ class LLMEngine:
         past_min_tokens = len(seq.output_ids) >= params.min_tokens
         stop_string = text.append(token, check_stops=past_min_tokens)
         reason, stop_reason = None, None
-        if seq.grammar is not None:
-            seq.grammar.consume_token(token)
-            # Complete (nothing more may follow) or broken: the output ends here either way.
-            if seq.grammar.is_stopped() or seq.grammar.is_error():
-                reason = FinishReason.STOP
-        if past_min_tokens and reason is None:
+        if past_min_tokens:
             if token == self.eos_token_id and not params.ignore_eos:
                 reason = FinishReason.STOP
             elif token in params.stop_token_ids:

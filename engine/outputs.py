@@ -92,7 +92,6 @@ class RejectedField(enum.Enum):
     MAX_TOKENS = "max_tokens"  # the prompt plus this many tokens exceed the context
     LOGIT_BIAS = "logit_bias"
     STOP_TOKEN_IDS = "stop_token_ids"
-    CONSTRAINT = "constraint"  # a schema, regex or grammar the grammar library cannot take
 
 
 class RequestRejected(ValueError):

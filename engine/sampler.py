@@ -74,11 +74,6 @@ class SamplingArrays(NamedTuple):
     bias_values_bk: jax.Array  # f32 [B, K]
     banned_ids_bs: jax.Array  # int32 [B, S], valid where banned_mask_bs
     banned_mask_bs: jax.Array  # bool [B, S]
-    # Constrained decoding (engine.grammar): bit i of word j set when token 32j + i may come next;
-    # all ones (-1) for an unconstrained row. Always [B, ceil(V / 32)], so a constrained batch
-    # runs the same compiled programs (the step's inputs travel in one buffer whose layout keys
-    # them): 6 KB a row, read only when some row is constrained.
-    allowed_bw: jax.Array  # int32
 
 
 class SampleResult(NamedTuple):
@@ -101,14 +96,12 @@ def _checked_ids(name: str, row: int, ids: Iterable[int], vocab_size: int) -> np
 
 
 def pack_sampling(rows: Sequence[SamplingRow], *, vocab_size: int,
-                  batch_size: int | None = None, allowed_bw: np.ndarray | None = None) -> SamplingArrays:
+                  batch_size: int | None = None) -> SamplingArrays:
     """Numpy `SamplingArrays` for `rows`, padded to `batch_size` rows (default: len(rows)).
 
     Padding rows are greedy with nothing banned or biased. Rows whose params
     need no history contribute none, so when no row uses a penalty L is 1 and
-    fully masked. L, K and S are powers of two. `allowed_bw`: the token masks of
-    constrained decoding, `int32 [batch_size, ceil(vocab_size / 32)]` (all ones for
-    unconstrained rows), or None when no row is constrained.
+    fully masked. L, K and S are powers of two.
     """
     b = len(rows) if batch_size is None else batch_size
     if b < max(len(rows), 1):
@@ -140,10 +133,7 @@ def pack_sampling(rows: Sequence[SamplingRow], *, vocab_size: int,
         is_output_bl=np.zeros((b, num_history), bool),
         bias_ids_bk=np.zeros((b, num_bias), np.int32), bias_values_bk=np.zeros((b, num_bias), np.float32),
         banned_ids_bs=np.zeros((b, num_banned), np.int32),
-        banned_mask_bs=np.zeros((b, num_banned), bool),
-        allowed_bw=np.full((b, -(-vocab_size // 32)), -1, np.int32) if allowed_bw is None else allowed_bw)
-    if allowed_bw is not None and allowed_bw.shape != (b, -(-vocab_size // 32)):
-        raise ValueError(f"allowed_bw must be [{b}, {-(-vocab_size // 32)}], got {list(allowed_bw.shape)}")
+        banned_mask_bs=np.zeros((b, num_banned), bool))
     for i, row in enumerate(rows):
         p = row.params
         if not p.is_greedy:  # greedy rows keep the neutral values, so they never force a sort
@@ -160,13 +150,6 @@ def pack_sampling(rows: Sequence[SamplingRow], *, vocab_size: int,
         a.banned_ids_bs[i, :len(bans[i])] = bans[i]
         a.banned_mask_bs[i, :len(bans[i])] = True
     return a
-
-
-def is_allowed(allowed_bw: jax.Array, v: int) -> jax.Array:
-    """bool [B, V] from the packed masks: token t's bit is bit t % 32 of word t // 32."""
-    ids_v = jnp.arange(v)
-    words_bv = allowed_bw[:, ids_v // 32]
-    return ((words_bv >> (ids_v % 32)) & 1).astype(bool)
 
 
 def _apply_penalties(logits_bv: jax.Array, a: SamplingArrays) -> jax.Array:
@@ -330,12 +313,6 @@ def sample_tokens(logits_bv: jax.Array, arrays: SamplingArrays, *,
     if not 0 <= num_top_logprobs <= v:
         raise ValueError(f"num_top_logprobs must be in [0, {v}], got {num_top_logprobs}")
     logits_bv = logits_bv.astype(jnp.float32)
-    # Constrained rows first, so the draw, the logprobs and the top alternatives all see the
-    # constrained distribution (as OpenAI reports them for structured outputs). Elementwise per
-    # row, so HIGH and ULTRA stay batch-invariant; skipped (no pass over V) when no row is.
-    logits_bv = jax.lax.cond(jnp.any(a.allowed_bw != -1),
-                             lambda x, m: jnp.where(is_allowed(m, v), x, -jnp.inf), lambda x, _: x,
-                             logits_bv, a.allowed_bw)
 
     processed_bv = logits_bv.at[jnp.arange(b)[:, None], a.bias_ids_bk].add(a.bias_values_bk)
     banned_ids_bs = jnp.where(a.banned_mask_bs, a.banned_ids_bs, v)  # v: dropped

@@ -50,28 +50,6 @@ def _flag(name: str, value) -> bool:
     return bool(value)
 
 
-CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Constraint:
-    """What a request's output must match (engine.grammar compiles it).
-
-    kind: `json_schema` (value: the schema as JSON text), `json_object` (any JSON object; value
-    unused), `regex`, `choice` (value: a JSON list of the allowed strings) or `grammar` (a Lark
-    grammar, llguidance's dialect). Plain strings, so the parameters stay hashable.
-    """
-
-    kind: str
-    value: str = ""
-
-    def __post_init__(self):
-        if self.kind not in CONSTRAINT_KINDS:
-            raise ValueError(f"constraint kind must be one of {list(CONSTRAINT_KINDS)}, got {self.kind!r}")
-        if not isinstance(self.value, str):
-            raise ValueError(f"a {self.kind} constraint's value must be a string, got {type(self.value).__name__}")
-
-
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SamplingParams:
     """How to pick tokens for one request; the fields and defaults of OpenAI / vLLM.
@@ -102,8 +80,6 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # The numerics level (model.numerics.Precision or its name); None: the engine's default.
     precision: Precision | str | None = None
-    # Constrained decoding: the output matches this (a token mask per step, engine.grammar).
-    constraint: Constraint | None = None
 
     def __post_init__(self):
         def store(name, value):  # frozen: normalised values go in through object
@@ -138,8 +114,6 @@ class SamplingParams:
                                       for t in self.stop_token_ids or ()))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             store(name, _flag(name, getattr(self, name)))
-        if self.constraint is not None and not isinstance(self.constraint, Constraint):
-            raise ValueError(f"constraint must be an engine.sampling.Constraint, got {self.constraint!r}")
         if self.precision is not None:
             try:
                 store("precision", Precision(self.precision))

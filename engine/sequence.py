@@ -56,8 +56,6 @@ class Sequence:
     # margin beat twice the rounding bound, and the index of the first that did not.
     num_stable_tokens: int = 0
     first_fragile_index: int | None = None
-    # Constrained decoding: the llguidance matcher the output so far has advanced (engine.grammar).
-    grammar: object | None = None
 
     @property
     def num_tokens(self) -> int:

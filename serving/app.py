@@ -22,7 +22,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from serving import admin_routes, anthropic_routes, openai_routes, ops_routes, seed_routes
+from serving import admin_routes, openai_routes, ops_routes, seed_routes
 from serving.auth import principal_of
 from serving.errors import EXCEPTION_HANDLERS, RequestError
 from serving.generation import ClientDisconnected
@@ -46,12 +46,9 @@ def create_app(server: ServerState) -> Litestar:
             except RequestError:
                 server.metrics.rate_limited.labels("auth_failures").inc()
                 raise
-        # Bearer, or Anthropic's x-api-key header (what its SDK sends), for every route alike.
-        authorization = connection.headers.get("authorization")
-        if authorization is None and connection.headers.get("x-api-key"):
-            authorization = f"Bearer {connection.headers['x-api-key']}"
         try:  # a stored key is looked up in the database: off the event loop
-            principal = await anyio.to_thread.run_sync(authenticator.authenticate, authorization)
+            principal = await anyio.to_thread.run_sync(authenticator.authenticate,
+                                                       connection.headers.get("authorization"))
         except RequestError:
             server.metrics.auth_failures.inc()
             if failures is not None:
@@ -79,8 +76,7 @@ def create_app(server: ServerState) -> Litestar:
         seed_routes.seed_generate, seed_routes.seed_chat, seed_routes.seed_embeddings, seed_routes.seed_models,
         ops_routes.version, admin])
     app = Litestar(
-        route_handlers=[ops_routes.health, ops_routes.ready, ops_routes.metrics, api,
-                        anthropic_routes.router(guards=[authenticate])],
+        route_handlers=[ops_routes.health, ops_routes.ready, ops_routes.metrics, api],
         dependencies={"server": Provide(lambda: server, use_cache=True, sync_to_thread=False)},
         exception_handlers={**EXCEPTION_HANDLERS, ClientDisconnected: _client_gone},
         on_startup=[server.start_loading],

@@ -60,11 +60,10 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def rejected(error: RequestRejected, *, prompt_param: str, max_tokens_param: str = "max_tokens",
-             constraint_param: str = "response_format") -> RequestError:
+def rejected(error: RequestRejected, *, prompt_param: str, max_tokens_param: str = "max_tokens") -> RequestError:
     """The 400 for a request the engine (or an embedder) refused, naming the caller's parameter."""
-    param = {RejectedField.PROMPT: prompt_param, RejectedField.MAX_TOKENS: max_tokens_param,
-             RejectedField.CONSTRAINT: constraint_param}.get(error.field, error.field.value)
+    param = {RejectedField.PROMPT: prompt_param, RejectedField.MAX_TOKENS: max_tokens_param}.get(
+        error.field, error.field.value)
     return RequestError(str(error), param=param,
                         code="context_length_exceeded" if error.is_context_length else "invalid_value")
 
@@ -104,33 +103,20 @@ def error_response(error: RequestError) -> Response:
     return Response(error.body(), status_code=error.status_code, media_type=MediaType.JSON, headers=error.headers)
 
 
-def request_error_of(exc: Exception) -> RequestError:
-    """Any exception a route raises, as the RequestError it answers with (an unexpected one is logged
-    and a 500). The API's faces each shape these into their own bodies."""
-    if isinstance(exc, RequestError):
-        return exc
-    if isinstance(exc, HTTPException):
-        return _http_error(exc)
-    if isinstance(exc, RecursionError):  # JSON nested past the decoder's limit (`[[[[…]]]]` a thousand deep)
-        return RequestError("the request body is nested too deeply to decode")
-    log.exception("unhandled error", exc_info=exc)
-    return RequestError(f"internal error: {type(exc).__name__}", status_code=500, code="internal_error")
+def _request_error(_: Request, exc: RequestError) -> Response:
+    return error_response(exc)
 
 
-def _openai_error(_: Request, exc: Exception) -> Response:
-    return error_response(request_error_of(exc))
-
-
-def _http_error(exc: HTTPException) -> RequestError:
+def _http_exception(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     if isinstance(exc, ValidationException) or status in (400, 422):
-        return _validation_error(exc)
+        return error_response(_validation_error(exc))
     message = exc.detail
     if status == 413:
         message = "the request body is too large"
     elif status == 404:
         message = f"no such route: {exc.detail}" if exc.detail and exc.detail != "Not Found" else "no such route"
-    return RequestError(message, status_code=status, headers=exc.headers)
+    return error_response(RequestError(message, status_code=status, headers=exc.headers))
 
 
 def _validation_error(exc: HTTPException) -> RequestError:
@@ -151,22 +137,28 @@ def _validation_error(exc: HTTPException) -> RequestError:
     return body_error(message, param)
 
 
+def _too_deep(_: Request, exc: RecursionError) -> Response:
+    """JSON nested past the decoder's recursion limit (`[[[[…]]]]` a thousand deep): a bad body."""
+    return error_response(RequestError("the request body is nested too deeply to decode"))
+
+
+def _unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(RequestError(f"internal error: {type(exc).__name__}", status_code=500,
+                                       code="internal_error"))
+
+
 # The error statuses API routes answer with, for the OpenAPI docs (Litestar
 # would otherwise document its own validation body).
-def error_responses(body: type) -> dict[int, ResponseSpec]:
-    """The error statuses API routes answer with, each with `body` (the face's error shape)."""
-    return {status: ResponseSpec(data_container=body, description=description)
-            for status, description in _ERROR_STATUSES}
-
-
-_ERROR_STATUSES = (
+ERROR_RESPONSES = {status: ResponseSpec(data_container=ErrorResponse, description=description)
+                   for status, description in (
     (400, "Invalid request: a value, a field, the body, or the context length"),
     (401, "Missing, wrong, expired or revoked API key (when authentication is on)"),
     (403, "The key may not use this model, or this route needs an admin key"),
     (404, "Unknown model"),
     (413, "Request body too large"),
     (429, "Queue full; see Retry-After"),
-    (503, "Model loading, engine stopped, or shutting down"))
-ERROR_RESPONSES = error_responses(ErrorResponse)
+    (503, "Model loading, engine stopped, or shutting down"))}
 
-EXCEPTION_HANDLERS = {Exception: _openai_error}
+EXCEPTION_HANDLERS = {RequestError: _request_error, HTTPException: _http_exception, RecursionError: _too_deep,
+                      Exception: _unexpected}

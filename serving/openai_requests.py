@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import msgspec
 
 from engine.outputs import RequestRejected
-from engine.sampling import Constraint, SamplingParams
+from engine.sampling import SamplingParams
 from serving.errors import RequestError, rejected
-from serving.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, StructuredOutputs
+from serving.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 if TYPE_CHECKING:
     from checkpoints.tokenizer import Tokenizer
@@ -65,7 +64,6 @@ class ParsedRequest:
     include_usage: bool  # stream_options.include_usage
     add_generation_prompt: bool = True  # chat: open an assistant turn after the messages
     continue_final_message: bool = False  # chat: extend the last message instead
-    constraint_param: str = "response_format"  # the body field a constraint came from, for errors
 
     @property
     def is_prompt_only(self) -> bool:
@@ -87,7 +85,7 @@ _BODY_FIELDS = frozenset(ChatCompletionRequest.__struct_fields__) | frozenset(Co
 # Known fields we do not implement, with the values that ask for nothing.
 CHAT_UNSUPPORTED: dict[str, tuple] = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-    "function_call": (None, "none"),
+    "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,)}
 COMPLETION_UNSUPPORTED: dict[str, tuple] = {"suffix": (None, ""), "best_of": (None,)}
@@ -112,13 +110,12 @@ def parse_chat(body: ChatCompletionRequest) -> ParsedRequest:
     if continue_final_message and body.add_generation_prompt:
         raise RequestError("continue_final_message and add_generation_prompt cannot both be true",
                            param="continue_final_message")
-    sampling, constraint_param = _sampling_and_constraint(body)
     return ParsedRequest(
-        endpoint=Endpoint.CHAT, model=body.model, messages=messages, prompts=(), sampling=sampling,
+        endpoint=Endpoint.CHAT, model=body.model, messages=messages, prompts=(), sampling=_sampling(body),
         max_tokens=max_tokens, max_tokens_param=max_tokens_param, num_logprobs=num_logprobs, echo=False,
         stream=bool(body.stream), include_usage=_include_usage(body),
         add_generation_prompt=add_generation_prompt and not continue_final_message,
-        continue_final_message=continue_final_message, constraint_param=constraint_param)
+        continue_final_message=continue_final_message)
 
 
 def parse_completion(body: CompletionRequest) -> ParsedRequest:
@@ -128,12 +125,11 @@ def parse_completion(body: CompletionRequest) -> ParsedRequest:
     _refuse_unsupported(body, COMPLETION_UNSUPPORTED)
     echo = bool(body.echo)
     max_tokens = _max_tokens(body.max_tokens, "max_tokens", least=0 if echo else 1)  # echo with 0: prompt only
-    sampling, constraint_param = _sampling_and_constraint(body)
     return ParsedRequest(
         endpoint=Endpoint.COMPLETIONS, model=body.model, messages=None,
-        prompts=text_or_token_inputs(body.prompt, param="prompt"), sampling=sampling,
+        prompts=text_or_token_inputs(body.prompt, param="prompt"), sampling=_sampling(body),
         max_tokens=max_tokens, max_tokens_param="max_tokens", num_logprobs=body.logprobs, echo=echo,
-        stream=bool(body.stream), include_usage=_include_usage(body), constraint_param=constraint_param)
+        stream=bool(body.stream), include_usage=_include_usage(body))
 
 
 def prompt_token_ids(request: ParsedRequest, tokenizer: Tokenizer) -> list[list[int]]:
@@ -172,8 +168,7 @@ def sampling_params(request: ParsedRequest, prompt_ids: Sequence[int], engine: L
     try:
         engine.check_request(list(prompt_ids), params, max_tokens_name=request.max_tokens_param)
     except RequestRejected as e:
-        raise rejected(e, prompt_param=request.prompt_param, max_tokens_param=request.max_tokens_param,
-                       constraint_param=request.constraint_param) from None
+        raise rejected(e, prompt_param=request.prompt_param, max_tokens_param=request.max_tokens_param) from None
     return params
 
 
@@ -203,42 +198,6 @@ def _refuse_unsupported(body: SamplingFields, unsupported: Mapping[str, tuple]) 
     for name, neutral in unsupported.items():
         if getattr(body, name) not in neutral:
             raise RequestError(f"{name} is not supported", param=name, code="unsupported_parameter")
-
-
-def _constraint(body: SamplingFields) -> tuple[Constraint | None, str]:
-    """The output constraint the body asks for, and the field it came from."""
-    formats, outputs = body.response_format, body.structured_outputs
-    if formats is not None and formats.type != "text" and outputs is not None:
-        raise RequestError("response_format and structured_outputs cannot both constrain the output",
-                           param="structured_outputs")
-    if outputs is not None:
-        given = {name: value for name in StructuredOutputs.__struct_fields__
-                 if (value := getattr(outputs, name)) not in (None, False)}
-        if len(given) != 1:
-            kinds = ", ".join(StructuredOutputs.__struct_fields__)
-            raise RequestError(f"structured_outputs takes exactly one of {kinds}", param="structured_outputs")
-        ((kind, value),) = given.items()
-        if kind == "json":
-            return Constraint("json_schema", json.dumps(value, sort_keys=True)), "structured_outputs"
-        if kind == "choice":
-            return Constraint("choice", json.dumps(value)), "structured_outputs"
-        return Constraint(kind, value if isinstance(value, str) else ""), "structured_outputs"
-    if formats is None or formats.type == "text":
-        return None, "response_format"
-    if formats.type == "json_object":
-        return Constraint("json_object"), "response_format"
-    if formats.json_schema is None:
-        raise RequestError("response_format of type json_schema needs json_schema", param="response_format")
-    schema = formats.json_schema.schema if formats.json_schema.schema is not None else True
-    return Constraint("json_schema", json.dumps(schema, sort_keys=True)), "response_format"
-
-
-def _sampling_and_constraint(body: SamplingFields) -> tuple[dict[str, Any], str]:
-    sampling = _sampling(body)
-    constraint, constraint_param = _constraint(body)
-    if constraint is not None:
-        sampling["constraint"] = constraint
-    return sampling, constraint_param
 
 
 def _sampling(body: SamplingFields) -> dict[str, Any]:

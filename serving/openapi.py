@@ -32,7 +32,7 @@ from serving.api_keys import PRECISION_LEVELS
 from serving.openai_requests import CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED, MESSAGE_FIELDS, ROLES
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
-STREAMED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/v1/chat", "/v1/messages"})
+STREAMED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/v1/chat"})
 _REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest", "ChatMessage", "ContentPart", "StreamOptions",
                     "EmbeddingsRequest", "TokenizeRequest", "DetokenizeRequest", "SeedGenerateRequest",
                     "SeedChatRequest", "SeedEmbeddingsRequest", "CreateKeyRequest")
@@ -105,7 +105,7 @@ def _streamed(response: dict) -> None:
         "type": "object", "required": ["data"],
         "properties": {"data": {"type": "string", "description": (
             "with stream: true, one chunk as JSON (an error body if the request fails after the stream has "
-            "started); OpenAI's routes end with [DONE], Anthropic's name each event (event: message_start, …)")},
+            "started), then the last event's [DONE]")},
             "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}
 
 

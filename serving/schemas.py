@@ -52,33 +52,6 @@ class StreamOptions(_Body):
     include_usage: bool | None = None
 
 
-class JsonSchemaFormat(_Body):
-    """`response_format.json_schema`: the schema the output must match."""
-
-    name: str
-    schema: dict[str, Any] | None = None  # None: any JSON value
-    description: str | None = None
-    strict: bool | None = None
-
-
-class ResponseFormat(_Body):
-    """OpenAI's `response_format`: `text`, `json_object` (any JSON object) or `json_schema`."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class StructuredOutputs(_Body):
-    """vLLM's `structured_outputs`: exactly one of a JSON schema, a regex, a list of choices, a
-    Lark grammar (llguidance's dialect) or any JSON object."""
-
-    json: dict[str, Any] | bool | None = None
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-
-
 class SamplingFields(_Body):
     """Fields of both endpoints; the ones after `user` are vLLM's extras."""
 
@@ -107,9 +80,6 @@ class SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    # Constrained decoding (engine.grammar): OpenAI's response_format, or vLLM's structured_outputs.
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -125,6 +95,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
+    response_format: Any = None
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None
